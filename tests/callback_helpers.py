@@ -1,0 +1,170 @@
+"""A tiny, self-contained language model and data for testing the callbacks.
+
+It deliberately does NOT import lightning_cs336's model, module or data: the callbacks must work in any Lightning
+project that offers the documented duck-typed hooks (``flops_per_token``, ``generate``, ``tokenizer``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+class CharTokenizer:
+    """Printable-ASCII tokenizer: id = ord(c) - 32 for c in ' '..'~', plus an end-of-text id."""
+
+    vocab_size = 96
+    eot_id = 95
+
+    def encode(self, text: str) -> list[int]:
+        return [min(max(ord(c) - 32, 0), 94) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i + 32) for i in ids if 0 <= i < 95)
+
+
+class RandomTokens(Dataset):
+    """Deterministic random token windows: (x, y) with y = x shifted by one."""
+
+    def __init__(self, n: int = 64, seq_len: int = 16, vocab_size: int = 96, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, vocab_size, (n, seq_len + 1), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[i, :-1], self.data[i, 1:]
+
+
+class TinyLM(L.LightningModule):
+    """Embedding -> 2 Linear layers -> logits. Offers every duck-typed hook the callbacks look for."""
+
+    def __init__(
+        self,
+        vocab_size: int = 96,
+        d_model: int = 32,
+        seq_len: int = 16,
+        batch_size: int = 8,
+        lr: float = 1e-2,
+        with_hooks: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.layers = nn.ModuleList([nn.Linear(d_model, d_model) for _ in range(2)])
+        self.head = nn.Linear(d_model, vocab_size)
+        if with_hooks:
+            self.tokenizer = CharTokenizer()
+            # Training FLOPs per token: 6 x matmul parameters.
+            self.flops_per_token = 6.0 * sum(
+                p.numel() for n, p in self.named_parameters() if "weight" in n and "embed" not in n
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)  # (B, T, C)
+        for layer in self.layers:
+            h = h + torch.tanh(layer(h))
+        return self.head(h)  # (B, T, V)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x).flatten(0, 1), y.flatten())
+        self.log("train/loss", loss, prog_bar=False)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        loss = F.cross_entropy(self(x).flatten(0, 1), y.flatten())
+        self.log("val/loss", loss)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            RandomTokens(64, self.hparams.seq_len, self.hparams.vocab_size), batch_size=self.hparams.batch_size
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            RandomTokens(16, self.hparams.seq_len, self.hparams.vocab_size, seed=1), batch_size=self.hparams.batch_size
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor | list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[list[int]]:
+        """Sample new tokens for each prompt (no KV cache: it is a test model). Returns the new ids per row."""
+        rows = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else [list(r) for r in prompt_ids]
+        out: list[list[int]] = []
+        for row in rows:
+            ids = torch.tensor([row], device=self.device)
+            new: list[int] = []
+            for _ in range(max_new_tokens):
+                logits = self(ids)[0, -1]
+                if temperature <= 0:
+                    nxt = int(logits.argmax())
+                else:
+                    probs = torch.softmax(logits / temperature, -1).cpu()
+                    nxt = int(torch.multinomial(probs, 1, generator=generator))
+                if eos_id is not None and nxt == eos_id:
+                    break
+                new.append(nxt)
+                ids = torch.cat([ids, torch.tensor([[nxt]], device=self.device)], dim=1)
+            out.append(new)
+        return out
+
+
+def make_loggers(save_dir: Path, kinds: tuple[str, ...] = ("wandb",), name: str = "test") -> list[Logger]:
+    """Real loggers writing under ``save_dir``: ``wandb`` (offline), ``csv``, ``tensorboard``."""
+    loggers: list[Logger] = []
+    for kind in kinds:
+        if kind == "wandb":
+            loggers.append(WandbLogger(save_dir=str(save_dir), project="cs336-tests", name=name, offline=True))
+        elif kind == "csv":
+            loggers.append(CSVLogger(save_dir=str(save_dir), name=name))
+        elif kind == "tensorboard":
+            loggers.append(TensorBoardLogger(save_dir=str(save_dir), name=name))
+        else:
+            raise ValueError(kind)
+    return loggers
+
+
+def make_trainer(
+    tmp_path: Path,
+    callbacks: list,
+    loggers: list[Logger] | bool = False,
+    max_steps: int = 6,
+    log_every_n_steps: int = 2,
+    **kwargs: Any,
+) -> L.Trainer:
+    """A small CPU Trainer with the settings every callback test wants."""
+    kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("limit_val_batches", 2)
+    kwargs.setdefault("num_sanity_val_steps", 0)
+    return L.Trainer(
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        log_every_n_steps=log_every_n_steps,
+        logger=loggers,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
