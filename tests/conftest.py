@@ -42,8 +42,12 @@ def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         monkeypatch.delenv(var, raising=False)
     for key, value in _WANDB_QUIET.items():
         monkeypatch.setenv(key, value)
-    for var, sub in (("WANDB_DIR", "dir"), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
-                     ("WANDB_CONFIG_DIR", "config")):
+    for var, sub in (
+        ("WANDB_DIR", "dir"),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_CONFIG_DIR", "config"),
+    ):
         path = root / sub
         path.mkdir(parents=True, exist_ok=True)
         monkeypatch.setenv(var, str(path))
@@ -59,3 +63,13 @@ def _torch_threads() -> None:
 
     torch.manual_seed(0)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small prepared corpus (byte-level tokenizer, ~200 kB of the stdlib's sources), made once per session."""
+    from lightning_cs336.data import prepare
+
+    out = tmp_path_factory.mktemp("tiny_data") / "bytes"
+    prepare(["stdlib"], out, tokenizer="byte", max_bytes=200_000, val_fraction=0.1, show_progress=False)
+    return out

@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine (Python 3.10+ with pip and venv):
+#   make quickstart   create .venv, tokenize the embedded corpus, train the quickstart model (W&B offline)
+#   make test         create .venv, run the test suite
+# torch is pinned through constraints.txt to the CPU build (no multi-GB CUDA download).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= data/quickstart
+PYTEST_ARGS ?=
+
+.PHONY: venv quickstart test lint clean bench
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+$(DATA)/meta.json: | $(BIN)/.installed
+	$(BIN)/cs336 prepare stdlib --out $(DATA) --tokenizer bpe --vocab-size 2048
+
+quickstart: $(BIN)/.installed $(DATA)/meta.json
+	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/cs336 fit --config configs/quickstart.yaml
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/bench_callbacks.py
+
+clean:
+	rm -rf $(VENV) runs checkpoints data/quickstart

@@ -1,0 +1,339 @@
+"""The CS336 transformer LM as a LightningModule: loss, AdamW, the CS336 cosine schedule, and the duck-typed hooks
+(``flops_per_token``, ``generate``, ``tokenizer``) that the telemetry callbacks look for.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from lightning_cs336.model import ModelConfig, TransformerLM, load_cs336_checkpoint, save_cs336_checkpoint
+
+__all__ = [
+    "LanguageModel",
+    "cosine_lr",
+    "export_cs336_checkpoint",
+    "import_cs336_checkpoint",
+]
+
+
+def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, cosine_steps: int) -> float:
+    """The CS336 learning-rate schedule at optimizer step ``step`` (0-based).
+
+    Linear warm-up ``step / warmup_steps * max_lr`` for ``step < warmup_steps``; cosine annealing from ``max_lr``
+    down to ``min_lr`` until the absolute step ``cosine_steps``; ``min_lr`` afterwards.
+    """
+    if step < warmup_steps:
+        return step / warmup_steps * max_lr
+    if step <= cosine_steps:
+        progress = (step - warmup_steps) / max(cosine_steps - warmup_steps, 1)
+        return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    return min_lr
+
+
+class LanguageModel(L.LightningModule):
+    """Next-token language modelling with the CS336 transformer.
+
+    Args:
+        vocab_size: Vocabulary size. Under ``cs336 fit`` it is linked from the data (``data.vocab_size``).
+        context_length: Longest sequence the model handles; the data's window length is linked to it.
+        d_model: Width of the residual stream.
+        num_layers: Number of transformer blocks.
+        num_heads: Attention heads per block (``d_model`` must be divisible by it).
+        d_ff: Inner width of the SwiGLU feed-forward layer.
+        rope_theta: RoPE base.
+        max_lr: Peak learning rate (reached after warm-up).
+        min_lr: Final learning rate of the cosine schedule.
+        warmup_steps: Linear warm-up length in optimizer steps.
+        cosine_steps: Absolute optimizer step at which the cosine reaches ``min_lr``; ``None`` uses the Trainer's
+            total number of optimizer steps (``max_steps``).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        weight_decay: AdamW decoupled weight decay for matrices.
+        decay_norm_and_embeddings: Also decay RMSNorm gains and the token embedding (CS336 decays everything; the
+            common LLM practice, and our default, is not to).
+        compile: Wrap the model in ``torch.compile`` at fit start.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 2048,
+        context_length: int = 128,
+        d_model: int = 128,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        d_ff: int = 344,
+        rope_theta: float = 10000.0,
+        max_lr: float = 1e-3,
+        min_lr: float = 1e-4,
+        warmup_steps: int = 100,
+        cosine_steps: int | None = None,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        decay_norm_and_embeddings: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0 <= min_lr <= max_lr:
+            raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if cosine_steps is not None and cosine_steps < warmup_steps:
+            raise ValueError(f"cosine_steps ({cosine_steps}) must be >= warmup_steps ({warmup_steps})")
+        self.config = ModelConfig(
+            vocab_size=vocab_size,
+            context_length=context_length,
+            d_model=d_model,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            d_ff=d_ff,
+            rope_theta=rope_theta,
+        )
+        self.model = TransformerLM(self.config)
+        self.tokenizer: Any | None = None  # set from the datamodule in setup(), or from a checkpoint
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity()
+
+    # ----------------------------------------------------------------------------------------- hooks for callbacks
+    @property
+    def flops_per_token(self) -> float:
+        """Training FLOPs (forward + backward) per token at full context, for MFU."""
+        return float(self.model.flops_per_token(self.config.context_length))
+
+    def generate(
+        self,
+        prompt_ids: torch.Tensor | list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[list[int]]:
+        """Sample continuations (new token ids per row); see :meth:`TransformerLM.generate`."""
+        if eos_id is None and self.tokenizer is not None:
+            eos_id = self.tokenizer.eot_id
+        return self.model.generate(
+            prompt_ids, max_new_tokens, temperature=temperature, top_p=top_p, eos_id=eos_id, generator=generator
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the run's tokenizer."""
+        return self._require_tokenizer().encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids`` with the run's tokenizer."""
+        return self._require_tokenizer().decode(ids)
+
+    def generate_text(self, prompt: str, max_new_tokens: int = 64, **kwargs: Any) -> str:
+        """Prompt in, continuation out (text), using the run's tokenizer."""
+        ids = self.encode(prompt)
+        return self.decode(self.generate([ids], max_new_tokens, **kwargs)[0])
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise RuntimeError(
+                "this model has no tokenizer attached: train it with a TokenDataModule, or load a checkpoint "
+                "written by `cs336 fit` (it embeds the tokenizer)"
+            )
+        return self.tokenizer
+
+    # -------------------------------------------------------------------------------------------------- training
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)  # (B, T, V)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_vocab = getattr(datamodule, "vocab_size", None)
+        if data_vocab is not None and data_vocab != self.config.vocab_size:
+            raise ValueError(
+                f"vocabulary mismatch: the data has vocab_size={data_vocab} but the model has "
+                f"vocab_size={self.config.vocab_size}; use data prepared with the model's tokenizer, or a model "
+                f"with vocab_size={data_vocab}"
+            )
+        data_ctx = getattr(datamodule, "context_length", None)
+        if data_ctx is not None and data_ctx > self.config.context_length:
+            raise ValueError(
+                f"context mismatch: the data's windows have context_length={data_ctx} but the model handles at most "
+                f"{self.config.context_length}; set data.context_length <= model.context_length"
+            )
+        if self.tokenizer is None and datamodule is not None:
+            self.tokenizer = getattr(datamodule, "tokenizer", None)
+        if self.hparams.compile and stage == "fit" and not isinstance(self.model, torch._dynamo.OptimizedModule):
+            self.model = torch.compile(self.model)
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch  # (B, T), (B, T)
+        logits = self(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        return loss, logits
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        # Re-create the metric states in this loop's grad mode: states left by a `trainer.validate()` run (inference
+        # mode) cannot be updated in place by fit's validation loop.
+        self.val_loss.reset()
+        self.val_ppl.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits = self._loss(batch)
+        self.val_loss.update(loss, weight=batch[1].numel())
+        self.val_ppl.update(logits.float(), batch[1])
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/ppl", self.val_ppl)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, _ = self._loss(batch)
+        self.log("test/loss", loss)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = dict(self.model.named_parameters())
+        decay_names, no_decay_names = _decay_split(self.model, hp.decay_norm_and_embeddings)
+        decay = [params[n] for n in decay_names]
+        no_decay = [params[n] for n in no_decay_names]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, lr=hp.max_lr, betas=tuple(hp.betas), eps=hp.eps)
+        cosine_steps = hp.cosine_steps
+        if cosine_steps is None:
+            cosine_steps = int(self.trainer.estimated_stepping_batches)
+        warmup = min(hp.warmup_steps, cosine_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_lr(step, hp.max_lr, hp.min_lr, warmup, cosine_steps) / hp.max_lr
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Self-contained checkpoints: `cs336 generate --ckpt` needs no data directory.
+        if self.tokenizer is not None and hasattr(self.tokenizer, "to_str"):
+            checkpoint["tokenizer"] = self.tokenizer.to_str()
+        # A compiled model stores its weights under `model._orig_mod.`; keep the plain names.
+        checkpoint["state_dict"] = {k.replace("._orig_mod.", "."): v for k, v in checkpoint["state_dict"].items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "tokenizer" in checkpoint and self.tokenizer is None:
+            from lightning_cs336.data import Tokenizer
+
+            self.tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        for key, value in checkpoint.get("state_dict", {}).items():
+            if key in expected and tuple(value.shape) != expected[key]:
+                raise ValueError(
+                    f"checkpoint has {key} {tuple(value.shape)} but the model expects {expected[key]}: the checkpoint "
+                    "is from a different architecture; pass the model config it was trained with"
+                )
+
+
+def export_cs336_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
+    """Write a Lightning checkpoint of :class:`LanguageModel` as a CS336-format checkpoint.
+
+    The result is ``{"model": state_dict, "optimizer": AdamW state or None, "iteration": global_step}`` via
+    ``torch.save``, loadable by a CS336 ``load_checkpoint`` into the assignment's ``TransformerLM``.
+    """
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    lm = LanguageModel(**_model_kwargs(ckpt["hyper_parameters"]))
+    lm.load_state_dict(ckpt["state_dict"])
+    optimizer = None
+    if ckpt.get("optimizer_states"):
+        optimizer = torch.optim.AdamW(lm.model.parameters())
+        try:
+            optimizer.load_state_dict(
+                _single_group(ckpt["optimizer_states"][0], lm.model, lm.hparams.decay_norm_and_embeddings)
+            )
+        except ValueError:
+            optimizer = None  # parameter grouping differs: export the weights alone
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_cs336_checkpoint(lm.model, optimizer, int(ckpt.get("global_step", 0)), out)
+    return out
+
+
+def import_cs336_checkpoint(
+    src: str | Path, out: str | Path, num_heads: int, context_length: int, rope_theta: float = 10000.0
+) -> Path:
+    """Turn a CS336-format checkpoint into a Lightning checkpoint that ``LanguageModel.load_from_checkpoint`` (and
+    ``cs336 generate --ckpt``) accepts. Shapes give every dimension except ``num_heads``, ``context_length`` and
+    ``rope_theta``, which the caller passes.
+    """
+    raw = torch.load(src, map_location="cpu", weights_only=False)
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise ValueError(f"{src} is not a CS336 checkpoint: expected a dict with a 'model' state dict")
+    state = {k.removeprefix("_orig_mod."): v for k, v in raw["model"].items()}
+    if "token_embeddings.weight" not in state or "layers.0.ffn.w1.weight" not in state:
+        raise ValueError(f"{src} does not hold a CS336 TransformerLM state dict (no token_embeddings / layers.0.ffn)")
+    vocab_size, d_model = state["token_embeddings.weight"].shape
+    num_layers = len({k.split(".")[1] for k in state if k.startswith("layers.")})
+    d_ff = state["layers.0.ffn.w1.weight"].shape[0]
+    lm = LanguageModel(
+        vocab_size=vocab_size,
+        context_length=context_length,
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        d_ff=d_ff,
+        rope_theta=rope_theta,
+    )
+    iteration = load_cs336_checkpoint(src, lm.model)
+    checkpoint = {
+        "state_dict": lm.state_dict(),
+        "hyper_parameters": dict(lm.hparams),
+        "global_step": iteration,
+        "epoch": 0,
+        "pytorch-lightning_version": L.__version__,
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out)
+    return out
+
+
+def _model_kwargs(hparams: dict[str, Any]) -> dict[str, Any]:
+    import inspect
+
+    names = set(inspect.signature(LanguageModel.__init__).parameters) - {"self"}
+    return {k: v for k, v in hparams.items() if k in names}
+
+
+def _decay_split(model: torch.nn.Module, decay_all: bool) -> tuple[list[str], list[str]]:
+    """Names of the trainable parameters that get weight decay, and of those that do not, in model order."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # Gains and embeddings are not decayed by default: decaying them pulls norms/embeddings toward zero.
+        is_matrix = param.ndim >= 2 and "token_embeddings" not in name
+        (decay if is_matrix or decay_all else no_decay).append(name)
+    return decay, no_decay
+
+
+def _single_group(state: dict[str, Any], model: torch.nn.Module, decay_all: bool) -> dict[str, Any]:
+    """Re-index Lightning's AdamW state (groups: decay, then no-decay) into one group in ``model.parameters()``
+    order, the layout a CS336 ``AdamW(model.parameters())`` loads positionally."""
+    decay, no_decay = _decay_split(model, decay_all)
+    names = [n for n, _ in model.named_parameters()]
+    lightning_order = decay + no_decay
+    groups = state["param_groups"]
+    flat_ids = [p for g in groups for p in g["params"]]
+    new_state = {
+        names.index(lightning_order[pos]): state["state"][pid]
+        for pos, pid in enumerate(flat_ids)
+        if pid in state["state"]
+    }
+    merged = {k: v for k, v in groups[0].items() if k != "params"}
+    merged["params"] = list(range(len(names)))
+    return {"state": new_state, "param_groups": [merged]}
