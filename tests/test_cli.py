@@ -1,0 +1,160 @@
+"""The `cs336` command: config parsing, bad input, an end-to-end fit, generate, prepare and CS336 conversion."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lightning_cs336.cli import default_wandb_mode, main
+from lightning_cs336.wandb_reader import latest_run
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def run_main(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_main(["fit", "--config", str(config), "--print_config"]) == 0
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "data:" in printed and "trainer:" in printed
+
+
+def test_unknown_config_key_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_modle: 64\n")
+    assert run_main(["fit", "--config", str(CONFIGS[0]), "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "d_modle" in err and "--help" in err
+    assert "usage:" not in err  # no 40-line usage dump
+    # A misspelt option is not prefix-matched to a real one.
+    assert run_main(["fit", "--config", str(CONFIGS[0]), "--trainer.max_step", "3"]) == 2
+    assert "max_step" in capsys.readouterr().err
+
+
+def test_missing_data_names_the_fix_and_writes_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = run_main(["fit", "--config", str(ROOT / "configs/debug.yaml"), "--data.data_dir", "nope"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("cs336: error:")]
+    assert len(lines) == 1 and "cs336 prepare" in lines[0] and "nope" in lines[0]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_default_wandb_mode(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.delenv("WANDB_MODE")
+    assert default_wandb_mode() == "offline" and os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert default_wandb_mode() == "online" and "WANDB_MODE" not in os.environ
+    monkeypatch.delenv("WANDB_API_KEY")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "y" * 40 + "\n")
+    os.chmod(tmp_path / "netrc", 0o600)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert default_wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert default_wandb_mode() == "disabled"
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path):
+    """`cs336 fit --config configs/debug.yaml` on the tiny corpus, in-process, in a scratch working directory."""
+    work = tmp_path_factory.mktemp("cli_fit")
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        mp = pytest.MonkeyPatch()
+        for key, value in {
+            "WANDB_MODE": "offline",
+            "WANDB_DIR": str(work),
+            "WANDB_SILENT": "true",
+            "WANDB_DATA_DIR": str(work / "wd"),
+            "WANDB_CACHE_DIR": str(work / "wc"),
+            "WANDB_CONFIG_DIR": str(work / "wcfg"),
+            "WANDB_DISABLE_GIT": "true",
+        }.items():
+            mp.setenv(key, value)
+        code = run_main(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "configs/debug.yaml"),
+                "--data.data_dir",
+                str(tiny_data),
+                "--trainer.enable_progress_bar",
+                "false",
+            ]
+        )
+        import wandb
+
+        wandb.finish()
+        wandb.teardown()
+        mp.undo()
+    finally:
+        os.chdir(old)
+    return work, code
+
+
+def test_fit_end_to_end(fitted) -> None:
+    work, code = fitted
+    assert code == 0
+    assert (work / "checkpoints/debug/last.ckpt").is_file()
+    run = latest_run(work / "runs/debug", wait_s=30)
+    assert run.finished and run.project == "cs336-debug"
+    steps = [step for step, _ in run.history_of("train/loss")]
+    assert steps and max(steps) >= 15
+    assert {"val/loss", "val/ppl"} <= run.keys()
+    # The linked values: vocab from the data, context from the model.
+    assert run.config["vocab_size"] == 257 and run.config["context_length"] == 32
+    assert (work / "runs/debug/config.yaml").is_file()
+
+
+def test_generate_from_checkpoint(fitted, capsys) -> None:
+    work, _ = fitted
+    ckpt = work / "checkpoints/debug/last.ckpt"
+    args = ["generate", "--ckpt", str(ckpt), "--prompt", "import ", "--max-new-tokens", "10", "--temperature", "0"]
+    assert run_main(args) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("import ")
+    assert run_main(args) == 0
+    assert capsys.readouterr().out == first  # greedy decoding is deterministic
+    assert run_main(["generate", "--ckpt", str(work / "missing.ckpt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_export_import_cs336(fitted, tmp_path, capsys) -> None:
+    work, _ = fitted
+    out = tmp_path / "cs336.pt"
+    assert run_main(["export-cs336", "--ckpt", str(work / "checkpoints/debug/last.ckpt"), "--out", str(out)]) == 0
+    back = tmp_path / "back.ckpt"
+    args = ["import-cs336", "--src", str(out), "--out", str(back), "--num-heads", "2", "--context-length", "32"]
+    assert run_main(args) == 0
+    capsys.readouterr()
+    assert run_main(["generate", "--ckpt", str(back), "--prompt", "x", "--max-new-tokens", "3"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err  # a CS336 file carries weights only
+
+
+def test_prepare_through_cs336(tmp_path: Path, capsys) -> None:
+    (tmp_path / "a.txt").write_text("hello world\n" * 200)
+    (tmp_path / "b.txt").write_text("another document\n" * 200)
+    out = tmp_path / "data"
+    assert (
+        run_main(
+            ["prepare", str(tmp_path / "*.txt"), "--out", str(out), "--tokenizer", "byte", "--val-fraction", "0.5"]
+        )
+        == 0
+    )
+    assert (out / "meta.json").is_file() and (out / "train.bin").is_file()
+    assert run_main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "d2")]) == 2
+    assert not (tmp_path / "d2" / "meta.json").exists()
