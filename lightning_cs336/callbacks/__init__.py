@@ -1,8 +1,43 @@
-"""Telemetry callbacks for Lightning: drop them into any ``Trainer(callbacks=[...])``.
+"""Telemetry callbacks for Lightning: drop them into any ``Trainer(callbacks=[...])`` or LightningCLI config.
 
-They import only torch and lightning (wandb lazily), never this package's model, module or data.
+They import only torch and lightning (wandb lazily), never this package's model, module or data, so any Lightning
+project can use them. What they need from a LightningModule is duck-typed and documented on each class.
+
+| callback | keys |
+|---|---|
+| :class:`GradientNormMonitor` | ``grad/*`` |
+| :class:`MemoryMonitor` | ``memory/*`` |
+| :class:`SpeedMonitor` | ``time/*``, ``throughput/*`` |
+| :class:`TextSampleLogger` | ``samples/*`` |
+| :class:`CheckpointArtifactLogger` | ``checkpoint/*`` (+ W&B model artifacts) |
+| :class:`RunInfoLogger` | ``run_info`` config, ``summary/*`` |
+| :class:`HistogramLogger` | ``weights/*``, ``gradients/*`` |
+
+The learning rate is Lightning's own :class:`~lightning.pytorch.callbacks.LearningRateMonitor`.
 """
 
 from lightning_cs336.callbacks._base import TelemetryCallback
+from lightning_cs336.callbacks.checkpoint_artifacts import (
+    CheckpointArtifactLogger,
+    load_from_artifact,
+    resolve_checkpoint,
+)
+from lightning_cs336.callbacks.grad_norm import GradientNormMonitor
+from lightning_cs336.callbacks.histograms import HistogramLogger
+from lightning_cs336.callbacks.memory import MemoryMonitor
+from lightning_cs336.callbacks.run_info import RunInfoLogger
+from lightning_cs336.callbacks.speed import SpeedMonitor
+from lightning_cs336.callbacks.text_samples import TextSampleLogger
 
-__all__ = ["TelemetryCallback"]
+__all__ = [
+    "CheckpointArtifactLogger",
+    "GradientNormMonitor",
+    "HistogramLogger",
+    "MemoryMonitor",
+    "RunInfoLogger",
+    "SpeedMonitor",
+    "TelemetryCallback",
+    "TextSampleLogger",
+    "load_from_artifact",
+    "resolve_checkpoint",
+]
