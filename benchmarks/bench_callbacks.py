@@ -108,7 +108,7 @@ def suite_callbacks() -> list[L.Callback]:
     """The suite with the settings of configs/callbacks/telemetry.yaml."""
     return [
         LearningRateMonitor(logging_interval="step"),
-        GradientNormMonitor(per_layer_depth=2),
+        GradientNormMonitor(per_layer_depth=3),
         MemoryMonitor(),
         SpeedMonitor(),
         RunInfoLogger(),

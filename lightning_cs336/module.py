@@ -204,9 +204,10 @@ class LanguageModel(L.LightningModule):
         decay_names, no_decay_names = _decay_split(self.model, hp.decay_norm_and_embeddings)
         decay = [params[n] for n in decay_names]
         no_decay = [params[n] for n in no_decay_names]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}]
+        # Named groups: LearningRateMonitor logs them as `lr-AdamW/decay` and `lr-AdamW/no_decay`.
+        groups = [{"params": decay, "weight_decay": hp.weight_decay, "name": "decay"}]
         if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
+            groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
         optimizer = torch.optim.AdamW(groups, lr=hp.max_lr, betas=tuple(hp.betas), eps=hp.eps)
         cosine_steps = hp.cosine_steps
         if cosine_steps is None:
@@ -334,6 +335,6 @@ def _single_group(state: dict[str, Any], model: torch.nn.Module, decay_all: bool
         for pos, pid in enumerate(flat_ids)
         if pid in state["state"]
     }
-    merged = {k: v for k, v in groups[0].items() if k != "params"}
+    merged = {k: v for k, v in groups[0].items() if k not in ("params", "name")}
     merged["params"] = list(range(len(names)))
     return {"state": new_state, "param_groups": [merged]}

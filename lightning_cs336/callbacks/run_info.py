@@ -179,13 +179,17 @@ def environment_info(git_timeout: float = 5.0) -> dict[str, Any]:
 def count_parameters(module: nn.Module) -> dict[str, int]:
     """Parameter counts of ``module``: ``total``, ``trainable`` (``requires_grad``) and ``non_embedding``.
 
-    ``non_embedding`` leaves out the parameters of every ``nn.Embedding``/``nn.EmbeddingBag`` (token and learned
+    ``non_embedding`` leaves out the parameters of every ``nn.Embedding``/``nn.EmbeddingBag`` and of any other
+    module whose class name ends in ``Embedding`` (hand-written embedding tables, as in CS336; token and learned
     position tables), the convention of the scaling-law literature. A head tied to the token embedding shares its
     tensor, so it is excluded too; each shared tensor counts once everywhere. A DTensor (FSDP2, tensor parallel)
     counts its global size; an uninitialized lazy parameter counts 0.
     """
     embedding_ids = {
-        id(p) for m in module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for p in m.parameters()
+        id(p)
+        for m in module.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or type(m).__name__.endswith("Embedding")
+        for p in m.parameters()
     }
     total = trainable = non_embedding = 0
     for p in module.parameters():  # parameters() yields each shared tensor once
@@ -311,7 +315,7 @@ class RunInfoLogger(TelemetryCallback):
     ``model.class_name``                      text     the LightningModule's class
     ``model.params_total``                    count    parameters
     ``model.params_trainable``                count    parameters with ``requires_grad``
-    ``model.params_non_embedding``            count    parameters outside ``nn.Embedding``/``nn.EmbeddingBag``
+    ``model.params_non_embedding``            count    parameters outside embedding tables
     ========================================  =======  =================================================================
 
     Summary keys (written once at the end of training; a key whose value is unknown is left out):

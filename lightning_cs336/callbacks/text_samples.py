@@ -176,8 +176,9 @@ class TextSampleLogger(TelemetryCallback):
         return self._rows
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Checked here, not in setup(): callbacks' setup runs before the LightningModule's, and a module may attach
+        # its tokenizer in its own setup() (e.g. from the datamodule).
         missing = _missing_hooks(pl_module)
         self._enabled = not missing
         if missing:
