@@ -72,19 +72,39 @@ def _cli_class() -> type:
             # comes from the prepared data's tokenizer (known only once the datamodule has read meta.json).
             parser.link_arguments("model.context_length", "data.context_length")
             parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+            parser.add_argument(
+                "--validate_first",
+                type=bool,
+                default=False,
+                help="fit only: run validation once before training, so the curves start at the untrained loss",
+            )
+
+        def before_fit(self) -> None:
+            if self.config[self.subcommand].get("validate_first"):
+                self.initial_metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)[0]
 
         def after_fit(self) -> None:
             if self.trainer.is_global_zero:
-                print(fit_report(self.trainer, self.model))
+                print(fit_report(self.trainer, self.model, initial=getattr(self, "initial_metrics", None)))
 
     return CS336CLI
 
 
-def fit_report(trainer: Any, module: Any, prompt: str | None = None, max_new_tokens: int = 80) -> str:
+def fit_report(
+    trainer: Any,
+    module: Any,
+    initial: dict[str, float] | None = None,
+    prompt: str | None = None,
+    max_new_tokens: int = 80,
+) -> str:
     """Where the run's records are, a sample from the trained model, and how to view the run."""
     import torch
 
     lines = ["", "=" * 80, "cs336: training finished"]
+    final = trainer.callback_metrics.get("val/loss")
+    if final is not None:
+        start = f"{initial['val/loss']:.4f} before training -> " if initial and "val/loss" in initial else ""
+        lines.append(f"  val/loss:     {start}{float(final):.4f} at step {trainer.global_step}")
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and (ckpt.best_model_path or ckpt.last_model_path):
         lines.append(f"  checkpoints:  {Path(ckpt.dirpath).resolve()}")
