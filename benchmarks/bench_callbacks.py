@@ -152,8 +152,9 @@ def run_once(config: str, args: argparse.Namespace, root: Path) -> float:
         gradient_clip_val=1.0,
         default_root_dir=str(root),
     )
-    loader = DataLoader(RandomWindows(QUICKSTART["vocab_size"], QUICKSTART["context_length"]),
-                        batch_size=args.batch_size)
+    loader = DataLoader(
+        RandomWindows(QUICKSTART["vocab_size"], QUICKSTART["context_length"]), batch_size=args.batch_size
+    )
     trainer.fit(module, loader)
     logger.experiment.finish()
     return clock.steps * args.batch_size * QUICKSTART["context_length"] / (clock.end - clock.start)
@@ -176,25 +177,31 @@ def main() -> None:
         os.environ.setdefault("WANDB_CACHE_DIR", os.path.join(tmp, "cache"))
         for r in range(args.rounds):
             # Rotate the order each round so no configuration always runs first (or after the same one).
-            order = configs[r % len(configs):] + configs[: r % len(configs)]
+            order = configs[r % len(configs) :] + configs[: r % len(configs)]
             for config in order:
                 tps = run_once(config, args, Path(tmp) / f"{config}-{r}")
                 results[config].append(tps)
                 print(f"round {r + 1}/{args.rounds}  {config:12s} {tps:10.0f} tokens/s", file=sys.stderr, flush=True)
     base = statistics.median(results[configs[0]])
-    print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), lightning {L.__version__}, "
-          f"python {platform.python_version()}")
-    print(f"Model: quickstart LM {QUICKSTART}, batch {args.batch_size} x {QUICKSTART['context_length']} tokens, "
-          f"{args.steps} steps ({args.warmup} untimed), log_every_n_steps={args.log_every_n_steps}, "
-          f"{args.rounds} interleaved rounds\n")
+    print(
+        f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), lightning {L.__version__}, "
+        f"python {platform.python_version()}"
+    )
+    print(
+        f"Model: quickstart LM {QUICKSTART}, batch {args.batch_size} x {QUICKSTART['context_length']} tokens, "
+        f"{args.steps} steps ({args.warmup} untimed), log_every_n_steps={args.log_every_n_steps}, "
+        f"{args.rounds} interleaved rounds\n"
+    )
     print("| configuration | median tokens/s | min | max | vs logger-only |")
     print("|---|---:|---:|---:|---:|")
     for config in configs:
         values = results[config]
         med = statistics.median(values)
-        print(f"| {config} | {med:,.0f} | {min(values):,.0f} | {max(values):,.0f} | "
-              f"{med / base:.3f} ({(med / base - 1) * 100:+.1f}%) |")
+        print(
+            f"| {config} | {med:,.0f} | {min(values):,.0f} | {max(values):,.0f} | "
+            f"{med / base:.3f} ({(med / base - 1) * 100:+.1f}%) |"
+        )
 
 
 if __name__ == "__main__":

@@ -137,7 +137,12 @@ def fit_report(
 def generate_main(argv: list[str]) -> int:
     """``cs336 generate``: sample text from a checkpoint written by ``cs336 fit``."""
     parser = argparse.ArgumentParser(prog="cs336 generate", description="Sample text from a trained checkpoint.")
-    parser.add_argument("--ckpt", required=True, help="a .ckpt written by `cs336 fit` (or `cs336 import-cs336`)")
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        help="a .ckpt written by `cs336 fit` (or `cs336 import-cs336`), or a W&B artifact such as ENTITY/PROJECT/"
+        "model-RUN:best",
+    )
     parser.add_argument("--prompt", default="", help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
@@ -149,9 +154,11 @@ def generate_main(argv: list[str]) -> int:
 
     import torch
 
+    from lightning_cs336.callbacks import resolve_checkpoint
     from lightning_cs336.module import LanguageModel
 
-    path = Path(args.ckpt)
+    # A local path, or a W&B artifact reference such as `entity/project/model-<run>:best` (needs network and a key).
+    path = Path(resolve_checkpoint(args.ckpt))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass a .ckpt written by `cs336 fit`")
     module = LanguageModel.load_from_checkpoint(path, map_location=args.device)
@@ -197,12 +204,19 @@ def import_main(argv: list[str]) -> int:
     return 0
 
 
+class _ArtifactError(Exception):
+    """Placeholder until the callbacks package (and its ArtifactUnavailableError) is imported."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``cs336`` console script (and ``python -m lightning_cs336``)."""
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
+    global _ArtifactError
     try:
+        from lightning_cs336.callbacks.checkpoint_artifacts import ArtifactUnavailableError as _ArtifactError
+
         if command == "prepare":
             from lightning_cs336.data import prepare_main
 
@@ -224,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"epilog": f"Other commands: {', '.join(_EXTRA_COMMANDS)} (each with --help)."},
         )
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, _ArtifactError) as err:
         # Bad input gets one line naming the problem and the fix; CS336_TRACEBACK=1 shows where it came from.
         if os.environ.get("CS336_TRACEBACK"):
             raise

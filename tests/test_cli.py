@@ -130,7 +130,10 @@ def test_generate_from_checkpoint(fitted, capsys) -> None:
     assert run_main(args) == 0
     assert capsys.readouterr().out == first  # greedy decoding is deterministic
     assert run_main(["generate", "--ckpt", str(work / "missing.ckpt")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "neither an existing file nor a W&B artifact" in capsys.readouterr().err
+    # An artifact reference with no W&B credentials fails at once with the fix, not after a network timeout.
+    assert run_main(["generate", "--ckpt", "team/cs336/model-abc123:best"]) == 2
+    assert "WANDB_API_KEY" in capsys.readouterr().err
 
 
 def test_export_import_cs336(fitted, tmp_path, capsys) -> None:

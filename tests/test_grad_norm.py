@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from callback_helpers import TinyLM, make_loggers, make_trainer  # noqa: E402
 
 from lightning_cs336.callbacks import grad_norm as grad_norm_module  # noqa: E402
+from lightning_cs336.callbacks._base import clean_param_name  # noqa: E402
 from lightning_cs336.callbacks.grad_norm import GradientNormMonitor  # noqa: E402
 
 BASE_KEYS = {"grad/norm_total", "grad/nonfinite_count", "grad/nonfinite_total"}
@@ -149,7 +150,7 @@ def test_lightning_cli_yaml_from_docstring() -> None:
 
 
 def test_group_names() -> None:
-    clean, group = grad_norm_module._clean_name, grad_norm_module._group_of
+    clean, group = clean_param_name, grad_norm_module._group_of
     assert clean("layers.3._fsdp_wrapped_module._checkpoint_wrapped_module.attn._orig_mod.q.weight") == (
         "layers.3.attn.q.weight"
     )

@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from callback_helpers import RandomTokens, TinyLM, make_loggers, make_trainer  # noqa: E402
 
+from lightning_cs336.callbacks._base import first_tensor as _first_tensor  # noqa: E402
+from lightning_cs336.callbacks._base import git_state
 from lightning_cs336.callbacks.run_info import (  # noqa: E402
     RunInfoLogger,
-    _first_tensor,
     count_parameters,
-    git_state,
 )
 from lightning_cs336.wandb_reader import latest_run  # noqa: E402
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from callback_helpers import RandomTokens, TinyLM, make_loggers, make_trainer  # noqa: E402
 
 import lightning_cs336.callbacks.speed as speed  # noqa: E402
+from lightning_cs336.callbacks._base import first_tensor  # noqa: E402
 from lightning_cs336.callbacks.speed import (  # noqa: E402
     PEAK_FLOPS,
     SpeedMonitor,
@@ -310,9 +311,9 @@ def test_yaml_config_instantiates() -> None:
 
 def test_first_tensor_of_nested_batches() -> None:
     x = torch.zeros(4, 7)
-    assert speed._first_tensor({"meta": ["a"], "input_ids": x, "labels": torch.ones(2)}) is x
-    assert speed._first_tensor([("s", [x])]) is x
-    assert speed._first_tensor({"a": "no tensors"}) is None
+    assert first_tensor({"meta": ["a"], "input_ids": x, "labels": torch.ones(2)}) is x
+    assert first_tensor([("s", [x])]) is x
+    assert first_tensor({"a": "no tensors"}) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from typing_extensions import override
 
 __all__ = [
     "TelemetryCallback",
+    "clean_param_name",
+    "first_tensor",
+    "git_state",
     "find_logger",
     "log_rows",
     "log_scalars",
@@ -149,6 +153,57 @@ def log_rows(
                 for row in rows:
                     record = {"step": step, **{c: _jsonable(v) for c, v in zip(columns, row, strict=False)}}
                     fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# Names that wrappers (Fabric, FSDP1, activation checkpointing, torch.compile) insert into parameter paths.
+_WRAPPER_PARTS = frozenset({"_forward_module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def clean_param_name(name: str) -> str:
+    """A parameter's name without wrapper components: ``_orig_mod.layers.0.w`` -> ``layers.0.w``."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
+def first_tensor(batch: Any) -> torch.Tensor | None:
+    """The first tensor of a (nested) batch, depth first through tuples, lists and dict values: ``x`` of ``(x, y)``,
+    the first value of a dict. Its shape gives samples and tokens per batch without a host-device sync."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
+        for item in batch:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def git_state(cwd: str | os.PathLike[str] | None = None, timeout: float = 5.0) -> tuple[str | None, bool | None]:
+    """The commit checked out in ``cwd`` and whether tracked files differ from it; ``(None, None)`` outside a git
+    repository, without git, or when git does not answer within ``timeout`` seconds. Untracked files do not make a
+    tree dirty (logs and checkpoints are usually untracked)."""
+    # Do not take the index lock: another git process (an editor, a concurrent run) must not fail because of us.
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "GIT_TERMINAL_PROMPT": "0"}
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        if head.returncode != 0:
+            return None, None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    commit = head.stdout.strip() or None
+    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
+    return commit, dirty
 
 
 class TelemetryCallback(Callback):

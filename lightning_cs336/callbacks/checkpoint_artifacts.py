@@ -14,7 +14,6 @@ import math
 import netrc
 import os
 import re
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, Future
@@ -29,7 +28,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 from typing_extensions import override
 
-from lightning_cs336.callbacks._base import TelemetryCallback, find_logger, logger_dir, to_host
+from lightning_cs336.callbacks._base import TelemetryCallback, find_logger, git_state, logger_dir, to_host
 
 __all__ = [
     "ArtifactUnavailableError",
@@ -112,18 +111,6 @@ def _json_safe(value: Any, depth: int = 0) -> Any:
     if hasattr(value, "__dict__") and type(value).__name__ == "Namespace":
         return _json_safe(vars(value), depth + 1)
     return repr(value)
-
-
-def _git_commit(cwd: str | None = None, timeout_s: float = 2.0) -> str | None:
-    """``git rev-parse HEAD`` of ``cwd`` (the working directory by default), or None outside a repository."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=timeout_s, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and commit else None
 
 
 def _zip_complete(path: str) -> bool:
@@ -493,7 +480,7 @@ class CheckpointArtifactLogger(TelemetryCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit" or not trainer.is_global_zero:
             return
-        self._git_commit = _git_commit()
+        self._git_commit = git_state()[0]
         wandb_logger = find_logger(trainer, "wandb")
         if wandb_logger is not None and getattr(wandb_logger, "_log_model", False):
             self.warn_once(

@@ -19,22 +19,17 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_cs336.callbacks._base import TelemetryCallback, to_host
+from lightning_cs336.callbacks._base import TelemetryCallback, clean_param_name, to_host
 
 __all__ = ["GradientNormMonitor"]
 
 # Module names that wrappers insert into parameter names; dropping them keeps group names stable across strategies
 # (``layers.3.attn`` whether or not the block is FSDP-wrapped, activation-checkpointed or torch.compile'd).
-_WRAPPER_PARTS = frozenset({"_forward_module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 # torch.nn.utils.clip_grad_norm_ scales by max_norm / (total_norm + eps) with this eps.
 _CLIP_EPS = 1e-6
 _ON_NONFINITE = ("count", "skip", "stop")
 # Row layout of the per-step window: [squared norm, non-finite parameter count, value-clip exceed count].
 _SQ, _NONFINITE, _EXCEED = 0, 1, 2
-
-
-def _clean_name(name: str) -> str:
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
 def _group_of(name: str, depth: int) -> str:
@@ -461,7 +456,7 @@ class GradientNormMonitor(TelemetryCallback):
     def _cache_for(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> _ParamCache:
         cache = self._caches.get(id(optimizer))
         if cache is None or cache.optimizer is not optimizer:
-            names = {id(p): _clean_name(n) for n, p in pl_module.named_parameters()}
+            names = {id(p): clean_param_name(n) for n, p in pl_module.named_parameters()}
             sparse = {
                 id(m.weight)
                 for m in pl_module.modules()

@@ -17,12 +17,11 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_cs336.callbacks._base import TelemetryCallback
+from lightning_cs336.callbacks._base import TelemetryCallback, clean_param_name
 
 __all__ = ["HistogramLogger"]
 
 # Wrapper prefixes that FSDP, activation checkpointing and torch.compile insert into parameter names.
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 # Elements per chunk of the on-device histogram: bounds the temporary memory (an int64 bin index and a float32
 # copy per element) for very large parameters such as embeddings.
 _CHUNK = 1 << 22
@@ -180,7 +179,7 @@ class HistogramLogger(TelemetryCallback):
             if id(param) not in in_optimizer or id(param) in seen:
                 continue
             seen.add(id(param))
-            name = _clean_name(name)
+            name = clean_param_name(name)
             if self.log_weights:
                 tensors.append((f"weights/{name}", param))
             if self.log_gradients and param.grad is not None:
@@ -243,12 +242,6 @@ class HistogramLogger(TelemetryCallback):
                     logger.log_metrics(stats, step=step)
             else:
                 logger.log_metrics(stats, step=step)
-
-
-def _clean_name(name: str) -> str:
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

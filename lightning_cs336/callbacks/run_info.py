@@ -14,10 +14,9 @@ import os
 import platform
 import shlex
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,10 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
-from lightning_cs336.callbacks._base import TelemetryCallback, logger_dir
+from lightning_cs336.callbacks._base import TelemetryCallback, first_tensor, git_state, logger_dir
 from lightning_cs336.callbacks.memory import total_memory_bytes
 
-__all__ = ["RunInfoLogger", "count_parameters", "git_state", "hardware_info", "software_info"]
+__all__ = ["RunInfoLogger", "count_parameters", "hardware_info", "software_info"]
 
 _GIB = float(1 << 30)
 
@@ -135,33 +134,6 @@ def software_info() -> dict[str, Any]:
     }
 
 
-def git_state(cwd: str | os.PathLike[str] | None = None, timeout: float = 5.0) -> tuple[str | None, bool | None]:
-    """The commit checked out in ``cwd`` and whether tracked files differ from it; ``(None, None)`` outside a git
-    repository, without git, or when git does not answer within ``timeout`` seconds. Untracked files do not make a
-    tree dirty (logs and checkpoints are usually untracked)."""
-    # Do not take the index lock: another git process (an editor, a concurrent run) must not fail because of us.
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0", "GIT_TERMINAL_PROMPT": "0"}
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-        )
-        if head.returncode != 0:
-            return None, None
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    commit = head.stdout.strip() or None
-    dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
-    return commit, dirty
-
-
 def environment_info(git_timeout: float = 5.0) -> dict[str, Any]:
     """Host, platform, working directory, git commit and dirty flag, and the command line."""
     cwd = os.getcwd()
@@ -210,20 +182,6 @@ def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, An
         else:
             out[key] = dict(value) if isinstance(value, Mapping) else value
     return out
-
-
-def _first_tensor(batch: Any) -> torch.Tensor | None:
-    """The first tensor of a batch in traversal order: ``x`` of ``(x, y)``, the first value of a dict."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
-        for item in batch:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
 
 
 def _distributed(trainer: Trainer) -> bool:
@@ -536,7 +494,7 @@ class RunInfoLogger(TelemetryCallback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        tensor = _first_tensor(batch)
+        tensor = first_tensor(batch)
         if tensor is None:
             self.warn_once("tokens", "no tensor found in the training batch, so tokens are not counted.")
             return

@@ -24,7 +24,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_cs336.callbacks._base import TelemetryCallback
+from lightning_cs336.callbacks._base import TelemetryCallback, first_tensor
 
 __all__ = ["PEAK_FLOPS", "SpeedMonitor", "lookup_peak_flops", "precision_dtype", "tf32_enabled"]
 
@@ -162,20 +162,6 @@ def precision_dtype(precision: str | int | None, tf32: bool = False) -> str | No
         return "tf32" if tf32 else "fp32"
     if text.startswith("64"):
         return "fp64"
-    return None
-
-
-def _first_tensor(batch: Any) -> torch.Tensor | None:
-    """The first tensor in a (nested) batch, depth first through tuples, lists and dict values."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        for item in batch:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
     return None
 
 
@@ -498,7 +484,7 @@ class SpeedMonitor(TelemetryCallback):
         """Add the batch's samples, tokens and (per-batch) FLOPs. Shapes only: nothing here touches device values."""
         tensor = None
         if self.batch_size_fn is None or self.tokens_fn is None:
-            tensor = _first_tensor(batch)
+            tensor = first_tensor(batch)
             if tensor is None:
                 self.warn_once("no-tensor", "found no tensor in the batch; pass batch_size_fn/tokens_fn to count it.")
         samples = (
