@@ -126,7 +126,7 @@ def builtin_callbacks(batch_size: int, context_length: int) -> list[L.Callback]:
     ]
 
 
-def run_once(config: str, args: argparse.Namespace, root: Path) -> float:
+def run_once(config: str, args: argparse.Namespace, root: Path, profiler=None) -> float:
     torch.manual_seed(0)
     cls = BuiltinGradNormLM if config == "builtin" else LanguageModel
     module = cls(**QUICKSTART, warmup_steps=10)
@@ -151,6 +151,7 @@ def run_once(config: str, args: argparse.Namespace, root: Path) -> float:
         limit_val_batches=0,
         gradient_clip_val=1.0,
         default_root_dir=str(root),
+        profiler=profiler,
     )
     loader = DataLoader(
         RandomWindows(QUICKSTART["vocab_size"], QUICKSTART["context_length"]), batch_size=args.batch_size
@@ -182,6 +183,34 @@ def main() -> None:
                 tps = run_once(config, args, Path(tmp) / f"{config}-{r}")
                 results[config].append(tps)
                 print(f"round {r + 1}/{args.rounds}  {config:12s} {tps:10.0f} tokens/s", file=sys.stderr, flush=True)
+    # Where the suite's time goes, independent of machine noise: Lightning's SimpleProfiler times every callback hook.
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    hook_ms: dict[str, float] = {}  # per-step hooks: ms per training step
+    once_s: dict[str, float] = {}  # setup / fit start / train end / validation hooks: seconds per run
+    step_ms = float("nan")
+    per_step_hooks = (
+        "on_train_batch_start",
+        "on_train_batch_end",
+        "on_before_optimizer_step",
+        "on_before_backward",
+        "on_after_backward",
+        "on_before_zero_grad",
+    )
+    if "suite" in configs:
+        with tempfile.TemporaryDirectory() as tmp:
+            profiler = SimpleProfiler()
+            run_once("suite", args, Path(tmp), profiler=profiler)
+            durations = profiler.recorded_durations
+            step_ms = 1e3 * statistics.fmean(durations["run_training_batch"])
+            for key, values in durations.items():
+                if key.startswith("[Callback]") and "Clock" not in key:
+                    name, _, hook = key.removeprefix("[Callback]").partition(".")
+                    name = name.split("{")[0]
+                    if hook in per_step_hooks:
+                        hook_ms[name] = hook_ms.get(name, 0.0) + 1e3 * sum(values) / args.steps
+                    else:
+                        once_s[name] = once_s.get(name, 0.0) + sum(values)
     base = statistics.median(results[configs[0]])
     print(
         f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -193,15 +222,27 @@ def main() -> None:
         f"{args.steps} steps ({args.warmup} untimed), log_every_n_steps={args.log_every_n_steps}, "
         f"{args.rounds} interleaved rounds\n"
     )
-    print("| configuration | median tokens/s | min | max | vs logger-only |")
-    print("|---|---:|---:|---:|---:|")
+    print("| configuration | median tokens/s | min | max | median / logger-only | median of per-round ratios |")
+    print("|---|---:|---:|---:|---:|---:|")
     for config in configs:
         values = results[config]
         med = statistics.median(values)
+        paired = statistics.median(v / b for v, b in zip(values, results[configs[0]], strict=True))
         print(
             f"| {config} | {med:,.0f} | {min(values):,.0f} | {max(values):,.0f} | "
-            f"{med / base:.3f} ({(med / base - 1) * 100:+.1f}%) |"
+            f"{med / base:.3f} ({(med / base - 1) * 100:+.1f}%) | {paired:.3f} ({(paired - 1) * 100:+.1f}%) |"
         )
+    if hook_ms:
+        total = sum(hook_ms.values())
+        print(
+            f"\nSuite hook time per training step (SimpleProfiler, one run of {args.steps} steps; mean training "
+            f"batch {step_ms:.1f} ms):\n"
+        )
+        print("| callback | per-step hooks, ms per step | % of a training batch | other hooks, s per run |")
+        print("|---|---:|---:|---:|")
+        for name, ms in sorted(hook_ms.items(), key=lambda kv: -kv[1]):
+            print(f"| {name} | {ms:.3f} | {100 * ms / step_ms:.2f}% | {once_s.get(name, 0.0):.3f} |")
+        print(f"| **all** | {total:.3f} | {100 * total / step_ms:.2f}% | {sum(once_s.values()):.3f} |")
 
 
 if __name__ == "__main__":
