@@ -13,7 +13,7 @@ The configurations run interleaved over several rounds (so drift of the machine 
 times steps ``warmup..max_steps`` with its own clock, independent of the callbacks under test. Results: medians and
 ratios to ``logger-only`` measured in the same invocation.
 
-    python benchmarks/bench_callbacks.py --rounds 5 --steps 60
+    python benchmarks/bench_callbacks.py --rounds 6 --steps 120   # or: make bench
 """
 
 from __future__ import annotations
@@ -163,8 +163,8 @@ def run_once(config: str, args: argparse.Namespace, root: Path, profiler=None) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--log-every-n-steps", type=int, default=10)
