@@ -6,12 +6,15 @@ project that offers the documented duck-typed hooks (``flops_per_token``, ``gene
 
 from __future__ import annotations
 
+import csv
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -168,3 +171,33 @@ def make_trainer(
         enable_model_summary=False,
         **kwargs,
     )
+
+
+def csv_rows(source: Any) -> list[dict[str, str]]:
+    """The rows of a CSVLogger's ``metrics.csv``: ``source`` is its log directory, the logger, or a Trainer."""
+    if isinstance(source, L.Trainer):
+        source = next(lg for lg in source.loggers if isinstance(lg, CSVLogger))
+    log_dir = Path(source.log_dir) if hasattr(source, "log_dir") else Path(source)
+    with open(log_dir / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def docstring_yaml(doc: str) -> dict:
+    """The LightningCLI YAML block of a docstring (the indented text after ``YAML config::``), parsed."""
+    block = doc.split("YAML config::", 1)[1]
+    lines = []
+    for line in block.splitlines()[1:]:
+        if line.strip() and not line.startswith(" " * 8):
+            break
+        lines.append(line)
+    return yaml.safe_load(textwrap.dedent("\n".join(lines)))
+
+
+def instantiate_docstring_callbacks(doc: str) -> list:
+    """Build the callbacks of a docstring's YAML example the way LightningCLI does (jsonargparse)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--callbacks", type=list[L.Callback])
+    config = parser.parse_object({"callbacks": docstring_yaml(doc)["trainer"]["callbacks"]})
+    return parser.instantiate(config).callbacks

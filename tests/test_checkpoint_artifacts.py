@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import wandb
 from callback_helpers import TinyLM, make_loggers, make_trainer
+from callback_helpers import csv_rows as _csv_rows
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
@@ -84,11 +84,6 @@ def _finish_and_read(save_dir: Path) -> Any:
 
 def _manifest(directory: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (directory / MANIFEST_NAME).read_text().splitlines()]
-
-
-def _csv_rows(log_dir: Path) -> list[dict[str, str]]:
-    with open(log_dir / "metrics.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _step_of(path: str) -> int:

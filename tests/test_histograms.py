@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import sys
 import warnings
@@ -16,6 +15,7 @@ from lightning.pytorch import Callback
 sys.path.insert(0, str(Path(__file__).parent))
 
 from callback_helpers import TinyLM, make_loggers, make_trainer  # noqa: E402
+from callback_helpers import csv_rows as _csv_rows
 
 from lightning_cs336.callbacks.histograms import _FIELDS, HistogramLogger, _summarize  # noqa: E402
 from lightning_cs336.wandb_reader import OfflineRun, latest_run  # noqa: E402
@@ -42,11 +42,6 @@ def _expected_keys(kinds: tuple[str, ...], with_histograms: bool, with_stats: bo
         if pattern.split("/")[0] in kinds:
             keys |= {prefix + pattern.replace("<name>", name) for name in PARAM_NAMES}
     return keys
-
-
-def _csv_rows(log_dir: str) -> list[dict[str, str]]:
-    with open(Path(log_dir) / "metrics.csv") as fh:
-        return list(csv.DictReader(fh))
 
 
 class Snapshot(Callback):

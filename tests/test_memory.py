@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import socket
 import sys
-import textwrap
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from callback_helpers import TinyLM, make_loggers, make_trainer  # noqa: E402
+from callback_helpers import csv_rows as _csv_rows
+from callback_helpers import instantiate_docstring_callbacks as _instantiate_callbacks
 
 from lightning_cs336.callbacks.memory import (  # noqa: E402
     MemoryMonitor,
@@ -61,35 +60,8 @@ CUDA_STATS = {
 }
 
 
-def _csv_rows(logger: L.pytorch.loggers.CSVLogger | Path) -> list[dict[str, str]]:
-    path = logger / "metrics.csv" if isinstance(logger, Path) else Path(logger.log_dir) / "metrics.csv"
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def _rows_with(rows: list[dict[str, str]], key: str) -> dict[int, float]:
     return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
-
-
-def _yaml_example(doc: str) -> dict:
-    """The LightningCLI YAML block of a docstring (the indented text after ``YAML config::``), parsed."""
-    block = doc.split("YAML config::", 1)[1]
-    lines = []
-    for line in block.splitlines()[1:]:
-        if line.strip() and not line.startswith(" " * 8):
-            break
-        lines.append(line)
-    return yaml.safe_load(textwrap.dedent("\n".join(lines)))
-
-
-def _instantiate_callbacks(doc: str) -> list:
-    """Build the callbacks of a docstring's YAML example the way LightningCLI does (jsonargparse)."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--callbacks", type=list[L.Callback])
-    config = parser.parse_object({"callbacks": _yaml_example(doc)["trainer"]["callbacks"]})
-    return parser.instantiate(config).callbacks
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).parent))
 
 from callback_helpers import RandomTokens, TinyLM, make_loggers, make_trainer  # noqa: E402
+from callback_helpers import csv_rows as _csv_rows
+from callback_helpers import instantiate_docstring_callbacks as _instantiate_callbacks
 
 from lightning_cs336.callbacks._base import first_tensor as _first_tensor  # noqa: E402
 from lightning_cs336.callbacks._base import git_state
@@ -51,36 +51,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _csv_rows(logger: Any) -> list[dict[str, str]]:
-    with open(Path(logger.log_dir) / "metrics.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def _no_git_above(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run in tmp_path, and make sure git does not find a repository in a parent directory."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
-
-
-def _yaml_example(doc: str) -> dict:
-    """The LightningCLI YAML block of a docstring (the indented text after ``YAML config::``), parsed."""
-    block = doc.split("YAML config::", 1)[1]
-    lines = []
-    for line in block.splitlines()[1:]:
-        if line.strip() and not line.startswith(" " * 8):
-            break
-        lines.append(line)
-    return yaml.safe_load(textwrap.dedent("\n".join(lines)))
-
-
-def _instantiate_callbacks(doc: str) -> list:
-    """Build the callbacks of a docstring's YAML example the way LightningCLI does (jsonargparse)."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--callbacks", type=list[L.Callback])
-    config = parser.parse_object({"callbacks": _yaml_example(doc)["trainer"]["callbacks"]})
-    return parser.instantiate(config).callbacks
 
 
 # ---------------------------------------------------------------------------------------------------------------

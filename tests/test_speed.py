@@ -20,13 +20,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from callback_helpers import RandomTokens, TinyLM, make_loggers, make_trainer  # noqa: E402
+from callback_helpers import csv_rows as _csv_rows
 
 import lightning_cs336.callbacks.speed as speed  # noqa: E402
 from lightning_cs336.callbacks._base import first_tensor  # noqa: E402
@@ -115,12 +115,6 @@ def timed_lm(clock: FakeTime | None, with_hooks: bool = True, **times: float) ->
     for name, value in times.items():
         setattr(model, name, value)
     return model
-
-
-def _csv_rows(trainer: L.Trainer) -> list[dict[str, str]]:
-    logger = next(lg for lg in trainer.loggers if isinstance(lg, CSVLogger))
-    with open(Path(logger.log_dir) / "metrics.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _series(rows: list[dict[str, str]], key: str) -> dict[int, float]:

@@ -1,4 +1,4 @@
-"""Tests for lightning_cs336.wandb_reader against real offline W&B runs (no mocks of wandb)."""
+"""Tests for lightning_cs336.wandb_reader against real offline W&B runs written by wandb itself."""
 
 from __future__ import annotations
 
