@@ -79,7 +79,23 @@ def _cli_class() -> type:
                 help="fit only: run validation once before training, so the curves start at the untrained loss",
             )
 
+        def _resolve_ckpt_path(self) -> None:
+            # `--ckpt_path` may be a W&B artifact reference (`entity/project/model-<run>:best`): download it first.
+            # A path that does not exist fails here, before any run directory or config file is written.
+            from lightning_cs336.callbacks import resolve_checkpoint
+
+            kwargs = self.config_init[self.subcommand]
+            if kwargs.get("ckpt_path"):
+                kwargs["ckpt_path"] = str(resolve_checkpoint(kwargs["ckpt_path"]))
+
+        def before_validate(self) -> None:
+            self._resolve_ckpt_path()
+
+        def before_test(self) -> None:
+            self._resolve_ckpt_path()
+
         def before_fit(self) -> None:
+            self._resolve_ckpt_path()
             if self.config[self.subcommand].get("validate_first"):
                 self.initial_metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)[0]
 

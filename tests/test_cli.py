@@ -161,3 +161,28 @@ def test_prepare_through_cs336(tmp_path: Path, capsys) -> None:
     assert (out / "meta.json").is_file() and (out / "train.bin").is_file()
     assert run_main(["prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "d2")]) == 2
     assert not (tmp_path / "d2" / "meta.json").exists()
+
+
+def test_resume_through_cli_and_bad_ckpt_path(fitted, tiny_data, tmp_path, monkeypatch, capsys) -> None:
+    work, _ = fitted
+    monkeypatch.chdir(tmp_path)
+    base = [
+        "fit",
+        "--config",
+        str(ROOT / "configs/debug.yaml"),
+        "--data.data_dir",
+        str(tiny_data),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    assert run_main([*base, "--ckpt_path", str(tmp_path / "missing.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.ckpt" in err and "neither an existing file nor a W&B artifact" in err
+    assert not (tmp_path / "runs").exists()  # nothing written before the error
+    assert run_main([*base, "--ckpt_path", "team/cs336/model-abc123:best"]) == 2
+    assert "WANDB_API_KEY" in capsys.readouterr().err
+    # A local checkpoint resumes: 20 steps done, 10 more.
+    assert run_main([*base, "--trainer.max_steps", "30", "--ckpt_path", str(work / "checkpoints/debug/last.ckpt")]) == 0
+    import torch
+
+    assert torch.load(tmp_path / "checkpoints/debug/last.ckpt", weights_only=False)["global_step"] == 30
