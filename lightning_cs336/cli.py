@@ -96,7 +96,10 @@ def _cli_class() -> type:
 
         def before_fit(self) -> None:
             self._resolve_ckpt_path()
-            if self.config[self.subcommand].get("validate_first"):
+            # Skipped on resume: the untrained loss belongs to the run's start, not to the resumed weights.
+            if self.config[self.subcommand].get("validate_first") and not self.config_init[self.subcommand].get(
+                "ckpt_path"
+            ):
                 self.initial_metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)[0]
 
         def after_fit(self) -> None:
@@ -139,7 +142,8 @@ def fit_report(
                 lines.append(f"    view it:    {getattr(logger.experiment, 'url', '')}")
         elif getattr(logger, "log_dir", None):
             lines.append(f"  {type(logger).__name__}: {Path(logger.log_dir).resolve()}")
-    if getattr(module, "tokenizer", None) is not None and hasattr(module, "generate_text"):
+    # One process only: with several ranks (FSDP shards the weights) a rank-zero forward would hang or be wrong.
+    if trainer.world_size == 1 and getattr(module, "tokenizer", None) is not None and hasattr(module, "generate_text"):
         prompt = prompt if prompt is not None else "def "
         generator = torch.Generator(device=module.device).manual_seed(0)
         text = module.generate_text(prompt, max_new_tokens, temperature=0.8, top_p=0.95, generator=generator)

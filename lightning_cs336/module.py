@@ -231,6 +231,12 @@ class LanguageModel(L.LightningModule):
             from lightning_cs336.data import Tokenizer
 
             self.tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
+        # Checkpoints hold plain names (see on_save_checkpoint); a model compiled in setup() expects `_orig_mod.`.
+        if isinstance(self.model, torch._dynamo.OptimizedModule) and "state_dict" in checkpoint:
+            checkpoint["state_dict"] = {
+                (k.replace("model.", "model._orig_mod.", 1) if k.startswith("model.") else k): v
+                for k, v in checkpoint["state_dict"].items()
+            }
         expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
         for key, value in checkpoint.get("state_dict", {}).items():
             if key in expected and tuple(value.shape) != expected[key]:

@@ -165,3 +165,16 @@ def test_invalid_schedule_arguments() -> None:
         LanguageModel(vocab_size=257, max_lr=1e-4, min_lr=1e-3, **TINY)
     with pytest.raises(ValueError, match="cosine_steps"):
         LanguageModel(vocab_size=257, warmup_steps=10, cosine_steps=5, **TINY)
+
+
+def test_compiled_model_resumes_from_plain_checkpoint_keys() -> None:
+    """Checkpoints store plain names; a model compiled in setup() (keys `model._orig_mod.*`) must load them."""
+    kw = dict(vocab_size=257, compile=True, **TINY)
+    source = LanguageModel(**kw)
+    checkpoint = {"state_dict": source.state_dict()}  # plain names, as on_save_checkpoint writes them
+    target = LanguageModel(**kw)
+    target.model = torch.compile(target.model)  # what setup("fit") does; compilation itself is lazy
+    target.on_load_checkpoint(checkpoint)
+    target.load_state_dict(checkpoint["state_dict"])  # strict
+    for a, b in zip(source.model.parameters(), target.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)

@@ -336,7 +336,7 @@ def test_resume_continues_tokens_time_and_best_val(tmp_path: Path) -> None:
         return info, _csv_rows(loggers[0])
 
     first, rows1 = fit(4, None)
-    saved = torch.load(ckpt_dir / "last.ckpt", weights_only=False)["callbacks"]["RunInfoLogger"]
+    saved = torch.load(ckpt_dir / "last.ckpt", weights_only=False)["callbacks"][RunInfoLogger().state_key]
     assert saved["tokens_seen"] == 4 * BATCH * SEQ  # the checkpoint after the step-4 validation
     assert saved["best_val_loss"] == first.summary["summary/best_val_loss"]
 

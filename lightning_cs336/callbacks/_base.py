@@ -225,6 +225,13 @@ class TelemetryCallback(Callback):
         self.prefix = prefix
         self._warned: set[str] = set()
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # Two instances with different prefixes (e.g. pretraining and fine-tuning stages) keep separate checkpoint
+        # states; Lightning would otherwise store both under the class name, one overwriting the other.
+        return self._generate_state_key(prefix=self.prefix)
+
     def warn_once(self, key: str, message: str) -> None:
         """Emit ``message`` once per callback instance (rank zero only)."""
         if key not in self._warned:

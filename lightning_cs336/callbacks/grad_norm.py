@@ -323,12 +323,6 @@ class GradientNormMonitor(TelemetryCallback):
         # checkpoint carry them over to a resumed run.
         self._rows_global = True
 
-    @property
-    @override
-    def state_key(self) -> str:
-        # Two monitors with different prefixes may coexist; keep their checkpoint states apart.
-        return self._generate_state_key(prefix=self.prefix)
-
     # ------------------------------------------------------------------------------------------------------------
     # hooks
 
@@ -566,7 +560,8 @@ class GradientNormMonitor(TelemetryCallback):
                 post_norm = post_sq.sqrt() if post_sq is not None else torch.zeros((), device=home)
             else:
                 factor = (clip_val / (norms + _CLIP_EPS)).clamp(max=1.0)
-                clipped = factor < 1.0
+                # A non-finite step is not "clipped" (inf gives factor 0): it is counted in grad/nonfinite_count.
+                clipped = (factor < 1.0) & torch.isfinite(norms)
                 post_norm = norms[-1] * factor[-1]
             if self._last_skipped:
                 post_norm = torch.zeros((), device=home)

@@ -382,12 +382,6 @@ class SpeedMonitor(TelemetryCallback):
             out[name] = checked
         return out
 
-    @property
-    @override
-    def state_key(self) -> str:
-        # Two monitors with different prefixes (e.g. pretraining and fine-tuning stages) keep separate totals.
-        return self._generate_state_key(prefix=self.prefix)
-
     def _reset_fit_state(self) -> None:
         """Forget everything measured in the current fit that is not a cumulative total."""
         # The open interval: "step" (inside a training batch), "gap" (between batches), "val", or None.
