@@ -159,10 +159,10 @@ def make_trainer(
     kwargs.setdefault("enable_checkpointing", False)
     kwargs.setdefault("limit_val_batches", 2)
     kwargs.setdefault("num_sanity_val_steps", 0)
+    kwargs.setdefault("devices", 1)
     return L.Trainer(
         default_root_dir=str(tmp_path),
         accelerator="cpu",
-        devices=1,
         max_steps=max_steps,
         log_every_n_steps=log_every_n_steps,
         logger=loggers,
@@ -201,3 +201,27 @@ def instantiate_docstring_callbacks(doc: str) -> list:
     parser.add_argument("--callbacks", type=list[L.Callback])
     config = parser.parse_object({"callbacks": docstring_yaml(doc)["trainer"]["callbacks"]})
     return parser.instantiate(config).callbacks
+
+
+class FullyShardLayers:
+    """Mixin for a TinyLM: FSDP2 ``fully_shard`` of each of ``self.layers``, then of the root module.
+
+    Lightning's FSDPStrategy needs CUDA; ``ModelParallelStrategy`` with ``fully_shard`` runs on CPU with gloo.
+    """
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+def two_process_strategy(kind: str) -> Any:
+    """The Trainer strategy of a two-process CPU test: ``"ddp"``, or ``"fsdp2"`` (ModelParallelStrategy, 2-way DP)."""
+    if kind == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    return kind

@@ -484,7 +484,7 @@ import torch
 import lightning as L
 
 sys.path.insert(0, {tests_dir!r})
-from callback_helpers import TinyLM, make_loggers
+from callback_helpers import FullyShardLayers, TinyLM, make_loggers, two_process_strategy
 from lightning_cs336.callbacks.grad_norm import GradientNormMonitor
 
 STRATEGY = {strategy!r}
@@ -504,15 +504,7 @@ class PerRankData(TinyLM):
         return DataLoader(Subset(data, range(rank, len(data), world)), batch_size=self.hparams.batch_size)
 
 
-class Sharded(PerRankData):
-    def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
-
+class Sharded(FullyShardLayers, PerRankData):
     def on_after_backward(self):
         if ON_NONFINITE == "skip" and self.trainer.global_step == NAN_AT_STEP and self.global_rank == 1:
             grad = self.layers[0].weight.grad
@@ -521,12 +513,7 @@ class Sharded(PerRankData):
 
 torch.manual_seed(0)
 model = (Sharded if STRATEGY == "fsdp2" else PerRankData)(batch_size=4)  # per rank: 2 x 4 = the global batch of 8
-if STRATEGY == "fsdp2":
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-else:
-    strategy = "ddp"
+strategy = two_process_strategy(STRATEGY)
 trainer = L.Trainer(
     default_root_dir={root!r},
     accelerator="cpu",

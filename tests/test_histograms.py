@@ -272,29 +272,19 @@ import lightning as L
 import torch
 
 sys.path.insert(0, {tests_dir!r})
-from callback_helpers import TinyLM, make_loggers
+from callback_helpers import FullyShardLayers, TinyLM, make_loggers, two_process_strategy
 from lightning_cs336.callbacks.histograms import HistogramLogger
 
 STRATEGY = {strategy!r}
 
 
-class Sharded(TinyLM):
-    def configure_model(self):
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+class Sharded(FullyShardLayers, TinyLM):
+    pass
 
 
 torch.manual_seed(0)
-if STRATEGY == "fsdp2":
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    model, strategy = Sharded(batch_size=4), ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-else:
-    model, strategy = TinyLM(batch_size=4), "ddp"
+model = (Sharded if STRATEGY == "fsdp2" else TinyLM)(batch_size=4)
+strategy = two_process_strategy(STRATEGY)
 trainer = L.Trainer(
     default_root_dir={root!r},
     accelerator="cpu",

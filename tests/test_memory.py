@@ -8,7 +8,6 @@ import socket
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -289,17 +288,14 @@ class _Ballast(TinyLM):
 @pytest.mark.slow
 def test_cross_rank_max_ddp(tmp_path: Path) -> None:
     loggers = make_loggers(tmp_path, ("csv",))
-    trainer = L.Trainer(
-        default_root_dir=str(tmp_path),
-        accelerator="cpu",
+    trainer = make_trainer(
+        tmp_path,
         devices=2,
         strategy="ddp_spawn",
         max_steps=4,
         log_every_n_steps=2,
-        logger=loggers,
+        loggers=loggers,
         callbacks=[MemoryMonitor(cross_rank_max=True)],
-        enable_progress_bar=False,
-        enable_model_summary=False,
         enable_checkpointing=False,
         limit_val_batches=0,
     )

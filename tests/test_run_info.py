@@ -356,17 +356,14 @@ def test_resume_continues_tokens_time_and_best_val(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_tokens_summed_over_ddp_ranks(tmp_path: Path) -> None:
     loggers = make_loggers(tmp_path, ("csv",))
-    trainer = L.Trainer(
-        default_root_dir=str(tmp_path),
-        accelerator="cpu",
+    trainer = make_trainer(
+        tmp_path,
         devices=2,
         strategy="ddp_spawn",
         max_steps=3,
         log_every_n_steps=1,
-        logger=loggers,
+        loggers=loggers,
         callbacks=[RunInfoLogger()],
-        enable_progress_bar=False,
-        enable_model_summary=False,
         enable_checkpointing=False,
         limit_val_batches=1,
         val_check_interval=3,

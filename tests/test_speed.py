@@ -624,14 +624,19 @@ def test_no_flops_hooks_one_warning(tmp_path: Path, clock: FakeTime) -> None:
     assert "throughput/tokens_per_sec" in keys
 
 
-@pytest.mark.parametrize("form", ["number", "callable"])
+@pytest.mark.parametrize("form", ["number", "callable", "tensor"])
 def test_flops_per_batch_matches_flops_per_token(tmp_path: Path, clock: FakeTime, form: str) -> None:
     by_token = _series(
         _csv_rows(_fit(tmp_path / "tok", SpeedMonitor(), timed_lm(clock), max_steps=4)), "throughput/device/tflops"
     )
     model = timed_lm(clock)
     per_batch = model.flops_per_token * TOKENS
-    model.flops_per_batch = per_batch if form == "number" else (lambda batch: model.flops_per_token * batch[0].numel())
+    model.flops_per_batch = {
+        "number": per_batch,
+        "callable": lambda batch: model.flops_per_token * batch[0].numel(),
+        # A device value: summed on the device, read only at logging steps.
+        "tensor": lambda batch: torch.tensor(float(model.flops_per_token * batch[0].numel())),
+    }[form]
     by_batch = _series(
         _csv_rows(_fit(tmp_path / "batch", SpeedMonitor(), model, max_steps=4)), "throughput/device/tflops"
     )
@@ -713,17 +718,14 @@ def test_resume_continues_totals(tmp_path: Path, clock: FakeTime) -> None:
 @pytest.mark.slow
 def test_ddp_totals_are_per_device_times_world_size(tmp_path: Path) -> None:
     loggers = make_loggers(tmp_path, ("csv",))
-    trainer = L.Trainer(
-        default_root_dir=str(tmp_path),
-        accelerator="cpu",
+    trainer = make_trainer(
+        tmp_path,
         devices=2,
         strategy="ddp_spawn",
         max_steps=4,
         log_every_n_steps=2,
-        logger=loggers,
+        loggers=loggers,
         callbacks=[SpeedMonitor(peak_flops=1e12)],
-        enable_progress_bar=False,
-        enable_model_summary=False,
         enable_checkpointing=False,
         limit_val_batches=0,
     )

@@ -170,7 +170,7 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()  # called once per log on a module attribute, never per step
+        value = value.item()  # only at logging steps: per-step tensor FLOPs are summed on the device first
     if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
         return float(value)
     return None
@@ -503,13 +503,17 @@ class SpeedMonitor(TelemetryCallback):
                     self.warn_once("flops-call", f"`flops_per_batch(batch)` failed ({err!r}); no TFLOP/s or MFU.")
                     self._flops_source = None
                     return
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                # A device value: add it on the device (no sync); it is read once, at the logging step.
+                self._win_flops = self._win_flops + value.detach().double()
+                return
             flops = _number(value)
             if flops is not None:
                 self._win_flops += flops
 
     def _window_flops(self, pl_module: LightningModule) -> float | None:
         if self._flops_source == "flops_per_batch":
-            return self._win_flops
+            return _number(self._win_flops)
         if self._flops_source == "flops_per_token":
             value = getattr(pl_module, "flops_per_token", None)
             if callable(value):
