@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_cs336 import data as data_mod
+from lightning_cs336.cli.prepare import _parse_size, prepare_main
 from lightning_cs336.data import (
     EOT,
     FixedWindowDataset,
@@ -24,7 +25,6 @@ from lightning_cs336.data import (
     load_meta,
     load_tokens,
     prepare,
-    prepare_main,
 )
 
 TEXTS = [
@@ -410,10 +410,10 @@ def test_prepare_main_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture)
 
 
 def test_parse_size() -> None:
-    assert data_mod._parse_size("8M") == 8_000_000
-    assert data_mod._parse_size("500k") == 500_000
-    assert data_mod._parse_size("1.5GB") == 1_500_000_000
-    assert data_mod._parse_size("1234") == 1234
+    assert _parse_size("8M") == 8_000_000
+    assert _parse_size("500k") == 500_000
+    assert _parse_size("1.5GB") == 1_500_000_000
+    assert _parse_size("1234") == 1234
 
 
 # --------------------------------------------------------------------------------------------------------------------

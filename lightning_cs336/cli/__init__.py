@@ -1,0 +1,106 @@
+"""The ``cs336`` command: LightningCLI for ``fit``/``validate``/``test``, plus ``prepare``, ``generate`` and the CS336
+checkpoint converters. One module per command beside this one; this one dispatches and turns bad input into one line.
+
+Usage::
+
+    cs336 prepare stdlib --out data/quickstart           # tokenize the embedded default corpus
+    cs336 fit --config configs/quickstart.yaml           # train (W&B offline unless an account is configured)
+    cs336 generate --ckpt checkpoints/quickstart/last.ckpt --prompt "def "
+    cs336 export-cs336 --ckpt last.ckpt --out model.pt   # to a CS336 {"model","optimizer","iteration"} file
+    cs336 import-cs336 --src model.pt --num-heads 16 --context-length 256 --out model.ckpt
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+
+_EXTRA_COMMANDS = ("prepare", "generate", "export-cs336", "import-cs336")
+
+
+def _has_wandb_credentials() -> bool:
+    """True when W&B could log online: an API key in the environment or a ``wandb login`` entry in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
+        hosts = netrc.netrc(path).hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return any("wandb" in host for host in hosts)
+
+
+def default_wandb_mode() -> str:
+    """Default ``WANDB_MODE`` to ``offline`` unless the user set it or has credentials.
+
+    It goes into the environment (not only ``WandbLogger(offline=True)``): wandb reads its settings from there, and
+    with only the code argument its telemetry still tries to reach the network.
+    """
+    if "WANDB_MODE" not in os.environ and not _has_wandb_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+        print("cs336: no W&B credentials found, logging W&B offline (sync later with `wandb sync`).", file=sys.stderr)
+    return os.environ.get("WANDB_MODE", "online")
+
+
+class _ArtifactError(Exception):
+    """Placeholder until the callbacks package (and its ArtifactUnavailableError) is imported."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``cs336`` console script (and ``python -m lightning_cs336``)."""
+    from_sys = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    global _ArtifactError
+    try:
+        from lightning_cs336.callbacks.checkpoint_artifacts import ArtifactUnavailableError as _ArtifactError
+
+        if command == "prepare":
+            from lightning_cs336.cli.prepare import prepare_main
+
+            sys.exit(prepare_main(argv[1:]))
+        if command == "generate":
+            from lightning_cs336.cli.generate import generate_main
+
+            sys.exit(generate_main(argv[1:]))
+        if command == "export-cs336":
+            from lightning_cs336.cli.convert import export_main
+
+            sys.exit(export_main(argv[1:]))
+        if command == "import-cs336":
+            from lightning_cs336.cli.convert import import_main
+
+            sys.exit(import_main(argv[1:]))
+        default_wandb_mode()
+        from lightning_cs336.cli.fit import _cli_class
+        from lightning_cs336.data import TokenDataModule
+        from lightning_cs336.module import LanguageModel
+
+        _cli_class()(
+            LanguageModel,
+            TokenDataModule,
+            args=None if from_sys else argv,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"epilog": f"Other commands: {', '.join(_EXTRA_COMMANDS)} (each with --help)."},
+        )
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, _ArtifactError) as err:
+        # Bad input gets one line naming the problem and the fix; CS336_TRACEBACK=1 shows where it came from.
+        if os.environ.get("CS336_TRACEBACK"):
+            raise
+        print(f"cs336: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
+
+
+def __getattr__(name: str) -> object:
+    # `from lightning_cs336.cli import fit_report` keeps working without importing lightning at `cs336 --help` time.
+    if name == "fit_report":
+        from lightning_cs336.cli.fit import fit_report
+
+        return fit_report
+    raise AttributeError(name)
