@@ -112,8 +112,8 @@ def suite_callbacks() -> list[L.Callback]:
         MemoryMonitor(),
         SpeedMonitor(),
         RunInfoLogger(),
-        TextSampleLogger(every_n_steps=500, prompts=["def "], max_new_tokens=32),
-        HistogramLogger(every_n_steps=100),
+        TextSampleLogger(log_every_n_steps=500, prompts=["def "], max_new_tokens=32),
+        HistogramLogger(log_every_n_steps=100),
         CheckpointArtifactLogger(),
     ]
 

@@ -14,20 +14,22 @@ project can use them. What they need from a LightningModule is duck-typed and do
 | :class:`HistogramLogger` | ``weights/*``, ``gradients/*`` |
 
 The learning rate is Lightning's own :class:`~lightning.pytorch.callbacks.LearningRateMonitor`.
+
+Layout: ``_base`` (the step clock, the base class, shared helpers), ``_sinks`` (every value's way to the loggers,
+with the fallbacks for loggers that lack an object kind), ``_compat`` (every read of Lightning internals),
+``peak_flops`` (the MFU peak table with its sources), ``wandb_access`` (credentials and artifact references, shared
+with the ``cs336`` command), then one file per callback.
 """
 
-from lightning_cs336.callbacks._base import TelemetryCallback
-from lightning_cs336.callbacks.checkpoint_artifacts import (
-    CheckpointArtifactLogger,
-    load_from_artifact,
-    resolve_checkpoint,
-)
+from lightning_cs336.callbacks._base import StepClock, TelemetryCallback
+from lightning_cs336.callbacks.checkpoint_artifacts import CheckpointArtifactLogger
 from lightning_cs336.callbacks.grad_norm import GradientNormMonitor
 from lightning_cs336.callbacks.histograms import HistogramLogger
 from lightning_cs336.callbacks.memory import MemoryMonitor
 from lightning_cs336.callbacks.run_info import RunInfoLogger
 from lightning_cs336.callbacks.speed import SpeedMonitor
 from lightning_cs336.callbacks.text_samples import TextSampleLogger
+from lightning_cs336.callbacks.wandb_access import load_from_artifact, resolve_checkpoint
 
 __all__ = [
     "CheckpointArtifactLogger",
@@ -36,6 +38,7 @@ __all__ = [
     "MemoryMonitor",
     "RunInfoLogger",
     "SpeedMonitor",
+    "StepClock",
     "TelemetryCallback",
     "TextSampleLogger",
     "load_from_artifact",

@@ -1,158 +1,75 @@
-"""Shared plumbing for the telemetry callbacks: one cheap path from device values to every attached logger.
+"""The suite's base: the step clock, the callback base class, and the small helpers every callback shares.
 
-Why not ``pl_module.log``? Measured on CPU, each ``self.log`` call costs ~0.2 ms whatever the value (most of it in
-``_ResultMetric.to(device)``), so logging tens of keys per step that way costs several percent of throughput. These
-helpers instead gather all of a callback's values, move the tensors to the host in ONE transfer, and hand the whole
-dict to each logger's ``log_metrics`` in one call, on logging steps only.
+Where values go (loggers and their fallbacks) lives in :mod:`~lightning_cs336.callbacks._sinks`; reads of Lightning
+internals in :mod:`~lightning_cs336.callbacks._compat`. This module imports only torch and lightning, so the callbacks
+stay reusable in any Lightning project.
 
-This module imports only torch and lightning (wandb lazily), so the callbacks stay reusable in any Lightning project.
+**The logging interval, once for the whole suite.** Every callback takes ``log_every_n_steps``:
+
+- a positive integer: log every that many *optimizer* steps, on the steps where ``(step + 1) % n == 0`` (the rule of
+  Lightning's own ``Trainer(log_every_n_steps=...)``, so the callbacks' rows land on the rows of ``self.log``), and
+  on the last step when the trainer stops;
+- ``None``: follow ``Trainer(log_every_n_steps=...)``;
+- ``0``: never during training, for callbacks that also record at the end (``TextSampleLogger``); the others reject it.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_warn
 from typing_extensions import override
 
+from lightning_cs336.callbacks import _compat
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed support
+    _DTensor = None
+from lightning_cs336.callbacks._sinks import log_scalars
+
 __all__ = [
+    "StepClock",
     "TelemetryCallback",
+    "check_positive_int",
     "clean_param_name",
+    "count_batch",
+    "distributed_ready",
     "first_tensor",
     "git_state",
-    "find_logger",
-    "log_rows",
-    "log_scalars",
-    "logger_dir",
-    "to_host",
+    "is_dtensor",
+    "local_tensor",
 ]
 
 
-def _is_wandb(logger: Logger) -> bool:
-    return type(logger).__name__ == "WandbLogger"
-
-
-def _is_tensorboard(logger: Logger) -> bool:
-    return type(logger).__name__ == "TensorBoardLogger"
-
-
-def find_logger(trainer: Trainer, kind: str) -> Logger | None:
-    """Return the first attached logger of ``kind`` (``"wandb"``, ``"tensorboard"``, ``"csv"``), or None.
-
-    Matching is by class name so that importing a logger class (and its optional dependency) is never needed.
-    """
-    names = {"wandb": "WandbLogger", "tensorboard": "TensorBoardLogger", "csv": "CSVLogger"}
-    wanted = names.get(kind, kind)
-    for logger in trainer.loggers:
-        if type(logger).__name__ == wanted:
-            return logger
-    return None
-
-
-def logger_dir(trainer: Trainer, logger: Logger | None = None) -> Path:
-    """A directory to write file-based fallbacks into: the logger's ``log_dir``, else the trainer's."""
-    for candidate in ([logger] if logger is not None else []) + list(trainer.loggers):
-        path = getattr(candidate, "log_dir", None)
-        if path is None and _is_wandb(candidate):
-            path = getattr(candidate, "save_dir", None)
-        if path:
-            return Path(path)
-    return Path(trainer.log_dir or trainer.default_root_dir)
-
-
-def to_host(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Convert a dict of numbers and scalar tensors to Python floats with one host-device transfer per device.
-
-    Tensors on the same device are stacked and copied together: N metrics cost one sync, not N.
-    Non-numeric values (strings, dicts) are passed through unchanged.
-    """
-    out: dict[str, Any] = {}
-    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
-    for key, value in metrics.items():
-        if isinstance(value, torch.Tensor):
-            by_device.setdefault(value.device, []).append((key, value.detach().reshape(()).float()))
-        elif isinstance(value, bool):
-            out[key] = float(value)
-        else:
-            out[key] = value
-    for items in by_device.values():
-        host = torch.stack([v for _, v in items]).cpu().tolist()
-        out.update({key: val for (key, _), val in zip(items, host, strict=True)})
-    return out
-
-
-def log_scalars(trainer: Trainer, metrics: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
-    """Hand ``metrics`` to every logger of ``trainer`` in one ``log_metrics`` call each. Rank zero only.
-
-    Returns the host values that were logged (empty on other ranks or with no logger).
-    """
-    if trainer.global_rank != 0 or not trainer.loggers or not metrics:
-        return {}
-    values = to_host(metrics)
-    step = TelemetryCallback.step(trainer) if step is None else step
-    for logger in trainer.loggers:
-        logger.log_metrics(values, step=step)
-    return values
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+def check_positive_int(name: str, value: Any, optional: bool = False, zero: bool = False) -> Any:
+    """Return ``value`` if it is a positive int (or None when ``optional``, or 0 when ``zero``), else raise a
+    ValueError that repeats it. ``bool`` is rejected although it is an int: a stray ``True`` must not mean 1."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or (zero and value == 0))
+    if not ok and not (optional and value is None):
+        allowed = "a positive integer" + (" or 0" if zero else "") + (" or None" if optional else "")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
     return value
 
 
-def log_rows(
-    trainer: Trainer,
-    key: str,
-    columns: Sequence[str],
-    rows: Sequence[Sequence[Any]],
-    step: int | None = None,
-    wandb_rows: Sequence[Sequence[Any]] | None = None,
-) -> None:
-    """Log a table of rows to every logger, with an equivalent for loggers that have no tables. Rank zero only.
+def distributed_ready(trainer: Trainer) -> bool:
+    """Whether collectives can run: several processes and an initialised default process group."""
+    return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
-    - W&B: a ``wandb.Table`` under ``key`` (built from ``wandb_rows`` when given, e.g. the full history of rows,
-      since W&B tables cannot be appended to).
-    - TensorBoard: the new rows as a markdown table via ``add_text``.
-    - Any other logger (CSV, ...): the new rows appended as JSON lines to ``<log_dir>/<key with / as _>.jsonl``.
-    """
-    if trainer.global_rank != 0 or not trainer.loggers:
-        return
-    step = TelemetryCallback.step(trainer) if step is None else step
-    columns = list(columns)
-    for logger in trainer.loggers:
-        if _is_wandb(logger):
-            import wandb
 
-            table = wandb.Table(
-                columns=columns, data=[list(r) for r in (wandb_rows if wandb_rows is not None else rows)]
-            )
-            logger.experiment.log({key: table, "trainer/global_step": step})
-        elif _is_tensorboard(logger):
-            header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-            body = "".join(
-                "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", "<br>") for c in row) + " |\n"
-                for row in rows
-            )
-            logger.experiment.add_text(key, header + body, global_step=step)
-        else:
-            path = logger_dir(trainer, logger) / (key.replace("/", "_") + ".jsonl")
-            os.makedirs(path.parent, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as fh:
-                for row in rows:
-                    record = {"step": step, **{c: _jsonable(v) for c, v in zip(columns, row, strict=False)}}
-                    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2, tensor parallel) holding only this rank's shard."""
+    return _DTensor is not None and isinstance(tensor, _DTensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2, tensor parallel), else the tensor itself; detached."""
+    return (tensor.to_local() if is_dtensor(tensor) else tensor).detach()
 
 
 # Names that wrappers (Fabric, FSDP1, activation checkpointing, torch.compile) insert into parameter paths.
@@ -206,24 +123,94 @@ def git_state(cwd: str | os.PathLike[str] | None = None, timeout: float = 5.0) -
     return commit, dirty
 
 
-class TelemetryCallback(Callback):
-    """Base class: argument checks, the logging interval, key prefixing and the no-logger warning.
+def count_batch(batch: Any) -> tuple[int, int] | None:
+    """``(samples, tokens)`` of one batch from its first tensor's shape (``shape[0]`` and ``numel()``: ``B`` and
+    ``B * T`` for ``(input_ids, targets)`` of shape ``(B, T)``), or None without a tensor. No device sync."""
+    tensor = first_tensor(batch)
+    if tensor is None:
+        return None
+    return (int(tensor.shape[0]) if tensor.dim() > 0 else 0), tensor.numel()
+
+
+class StepClock:
+    """Where the current training batch sits on the optimizer-step axis: the suite's one answer to "does this batch
+    step the optimizer", "is this a logging step" and "which step do values go on". Stateless reads of the fit loop
+    (see :mod:`._compat`), so it needs no hooks of its own and survives a resume unchanged.
 
     Args:
-        log_every_n_steps: Log every this many optimizer steps. ``None`` follows ``Trainer(log_every_n_steps=...)``.
+        log_every_n_steps: The interval; see the module docstring.
+    """
+
+    def __init__(self, log_every_n_steps: int | None = None) -> None:
+        self.log_every_n_steps = log_every_n_steps
+
+    def interval(self, trainer: Trainer) -> int:
+        """The logging interval in optimizer steps (0: never during training)."""
+        if self.log_every_n_steps is not None:
+            return self.log_every_n_steps
+        return max(int(trainer.log_every_n_steps), 1)
+
+    @staticmethod
+    def step(trainer: Trainer) -> int:
+        """The step axis Lightning itself logs on (``self.log``, ``LearningRateMonitor``): optimizer steps taken
+        before the current batch. Inside the training-batch hooks it equals ``global_step`` before the optimizer
+        steps, so values a callback measures for a batch land on the same row as that batch's ``train/loss``."""
+        return _compat.batches_that_stepped(trainer)
+
+    @staticmethod
+    def steps_optimizer(trainer: Trainer) -> bool:
+        """Whether the current training batch ends an optimizer step (it is not an accumulating micro-batch).
+        Valid from ``on_train_batch_start`` through ``on_train_batch_end``."""
+        return _compat.batch_steps_optimizer(trainer)
+
+    def is_logging_step(self, trainer: Trainer) -> bool:
+        """Whether the current training batch logs: it steps the optimizer and ``(step + 1) % n == 0`` (Lightning's
+        own rule), or the trainer is about to stop. Never during the sanity check or with an interval of 0."""
+        if trainer.sanity_checking or not self.steps_optimizer(trainer):
+            return False
+        n = self.interval(trainer)
+        return n > 0 and ((self.step(trainer) + 1) % n == 0 or trainer.should_stop)
+
+
+class TelemetryCallback(Callback):
+    """Base class: argument checks, the step clock, key prefixing and the no-logger warning.
+
+    Args:
+        log_every_n_steps: The logging interval in optimizer steps; ``None`` follows ``Trainer(log_every_n_steps=...)``
+            (see the module docstring).
         prefix: Prepended to every key this callback logs (e.g. ``"ft/"`` gives ``ft/time/step_ms``).
     """
 
+    #: Whether ``log_every_n_steps=0`` (no periodic logging) makes sense for this callback.
+    _ALLOWS_ZERO_INTERVAL = False
+
     def __init__(self, log_every_n_steps: int | None = None, prefix: str = "") -> None:
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
-        ):
-            raise ValueError(f"log_every_n_steps must be a positive integer or None, got {log_every_n_steps!r}")
+        check_positive_int("log_every_n_steps", log_every_n_steps, optional=True, zero=self._ALLOWS_ZERO_INTERVAL)
         if not isinstance(prefix, str):
             raise ValueError(f"prefix must be a string, got {prefix!r}")
-        self.log_every_n_steps = log_every_n_steps
+        self._clock = StepClock(log_every_n_steps)
         self.prefix = prefix
         self._warned: set[str] = set()
+
+    @property
+    def log_every_n_steps(self) -> int | None:
+        """The logging interval as given (``None``: the Trainer's)."""
+        return self._clock.log_every_n_steps
+
+    @property
+    def every_n_steps(self) -> int | None:
+        """Deprecated name of :attr:`log_every_n_steps` (``TextSampleLogger``, ``HistogramLogger`` before 0.2)."""
+        return self._clock.log_every_n_steps
+
+    @staticmethod
+    def _deprecated_interval(every_n_steps: Any, none_means: int | None) -> Any:
+        """Map the deprecated ``every_n_steps`` argument onto ``log_every_n_steps``.
+
+        ``none_means``: what ``every_n_steps=None`` meant for this callback (``TextSampleLogger``: 0, only at the end).
+        """
+        check_positive_int("every_n_steps", every_n_steps, optional=True)
+        rank_zero_deprecation("`every_n_steps` is deprecated: use `log_every_n_steps` (the suite's one name for it).")
+        return none_means if every_n_steps is None else every_n_steps
 
     @property
     @override
@@ -238,29 +225,25 @@ class TelemetryCallback(Callback):
             self._warned.add(key)
             rank_zero_warn(f"{type(self).__name__}: {message}")
 
+    # The clock's questions, asked through the callback so subclasses read naturally.
     def interval(self, trainer: Trainer) -> int:
         """The logging interval in optimizer steps."""
-        return self.log_every_n_steps or max(int(trainer.log_every_n_steps), 1)
+        return self._clock.interval(trainer)
 
     @staticmethod
     def step(trainer: Trainer) -> int:
-        """The step axis Lightning itself logs on (``self.log``, ``LearningRateMonitor``): optimizer steps taken
-        before the current batch. Inside the training-batch hooks it equals ``global_step`` before the optimizer
-        steps, so values a callback measures for a batch land on the same row as that batch's ``train/loss``."""
-        return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+        """See :meth:`StepClock.step`."""
+        return StepClock.step(trainer)
 
     def is_logging_step(self, trainer: Trainer) -> bool:
-        """Whether the current training batch logs: the same rule as Lightning's own ``log_every_n_steps``
-        (``(step + 1) % n == 0``), or the trainer is about to stop. Never during the sanity check."""
-        if trainer.sanity_checking:
-            return False
-        return (self.step(trainer) + 1) % self.interval(trainer) == 0 or trainer.should_stop
+        """See :meth:`StepClock.is_logging_step`."""
+        return self._clock.is_logging_step(trainer)
 
     def log_metrics(self, trainer: Trainer, metrics: Mapping[str, Any], step: int | None = None) -> dict[str, float]:
-        """Prefix the keys and hand them to every logger in one call (see :func:`log_scalars`)."""
+        """Prefix the keys and hand them to every logger in one call (see :func:`._sinks.log_scalars`)."""
         if self.prefix:
             metrics = {self.prefix + k: v for k, v in metrics.items()}
-        return log_scalars(trainer, metrics, step)
+        return log_scalars(trainer, metrics, self.step(trainer) if step is None else step)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import netrc
 import os
 import re
 import time
@@ -20,15 +19,21 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from typing_extensions import override
 
-from lightning_cs336.callbacks._base import TelemetryCallback, find_logger, git_state, logger_dir, to_host
+from lightning_cs336.callbacks import _compat
+from lightning_cs336.callbacks._base import TelemetryCallback, check_positive_int, git_state
+from lightning_cs336.callbacks._sinks import find_logger, json_safe, logger_dir, to_host
+from lightning_cs336.callbacks.wandb_access import (  # noqa: F401  (re-exported: they used to live here)
+    ArtifactUnavailableError,
+    load_from_artifact,
+    resolve_checkpoint,
+)
 
 __all__ = [
     "ArtifactUnavailableError",
@@ -46,19 +51,11 @@ MANIFEST_NAME = "checkpoints.jsonl"
 #: Aliases that ``keep_last_k`` never deletes.
 PROTECTED_ALIASES: tuple[str, ...] = ("best", "latest")
 
-# Lightning's own ``ckpt_path`` keywords, passed through untouched by :func:`resolve_checkpoint`.
-_LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
-# ``[entity/][project/]name:alias_or_version``: the forms ``wandb.Api().artifact`` accepts.
-_ARTIFACT_REF = re.compile(r"^(?:[\w.-]+/){0,2}[\w.-]+:[\w.-]+$")
 _ARTIFACT_NAME = re.compile(r"^[\w.-]+$")
 _ZIP_LOCAL_MAGIC = b"PK\x03\x04"
 _ZIP_END_MAGIC = b"PK\x05\x06"
 # The end-of-central-directory record is 22 bytes plus a comment of at most 64 KiB.
 _ZIP_TAIL = 22 + 65535
-
-
-class ArtifactUnavailableError(RuntimeError):
-    """An artifact reference could not be fetched (offline, no API key, no network, unknown artifact)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -84,33 +81,10 @@ def select_versions_to_delete(
     Raises:
         ValueError: If ``keep_last_k`` is not a positive integer.
     """
-    if isinstance(keep_last_k, bool) or not isinstance(keep_last_k, int) or keep_last_k < 1:
-        raise ValueError(f"keep_last_k must be a positive integer, got {keep_last_k!r}")
+    check_positive_int("keep_last_k", keep_last_k)
     keep_protected = set(protected)
     older = versions[: max(len(versions) - keep_last_k, 0)]
     return [name for name, aliases in older if not keep_protected.intersection(aliases)]
-
-
-def _json_safe(value: Any, depth: int = 0) -> Any:
-    """A JSON-serialisable copy of ``value``: containers recurse, tensors and paths become plain values, non-finite
-    floats become strings (W&B metadata and JSON lines reject NaN), anything else its ``repr``."""
-    if depth > 8:
-        return repr(value)
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, torch.Tensor):
-        return _json_safe(value.item() if value.numel() == 1 else value.tolist(), depth + 1)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_json_safe(v, depth + 1) for v in value]
-    if hasattr(value, "__dict__") and type(value).__name__ == "Namespace":
-        return _json_safe(vars(value), depth + 1)
-    return repr(value)
 
 
 def _zip_complete(path: str) -> bool:
@@ -135,108 +109,6 @@ def _file_size(path: str) -> int | None:
         return os.path.getsize(path)
     except OSError:
         return None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Artifact references
-
-
-def _has_api_key() -> bool:
-    """Whether W&B credentials exist locally (``WANDB_API_KEY`` or a ``.netrc`` entry for the W&B host), without
-    touching the network: ``wandb.Api()`` with a key but no network blocks for its whole timeout."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
-    try:
-        return netrc.netrc(path).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def _unavailable(ref: str, reason: str) -> ArtifactUnavailableError:
-    return ArtifactUnavailableError(
-        f"cannot fetch artifact {ref!r}: {reason}; set WANDB_API_KEY and network, or pass a local checkpoint path"
-    )
-
-
-def load_from_artifact(
-    ref: str, map_location: str | torch.device | None = "cpu", root: str | None = None, timeout_s: int = 60
-) -> Path:
-    """Download a checkpoint artifact (e.g. ``entity/project/model-<run id>:best``) and return the checkpoint path.
-
-    Fails fast, before any network call, when W&B is offline or disabled (``WANDB_MODE``) or no API key is configured
-    (``WANDB_API_KEY`` or ``~/.netrc``).
-
-    Args:
-        ref: The artifact reference, optionally prefixed with ``wandb:``.
-        map_location: Accepted for symmetry with ``torch.load``; the file is not loaded here (pass the returned path
-            to ``torch.load(path, map_location=...)`` or ``trainer.fit(ckpt_path=...)``).
-        root: Download directory (W&B's artifacts cache layout by default).
-        timeout_s: HTTP timeout of the W&B API calls.
-
-    Returns:
-        The ``model.ckpt`` entry of the downloaded artifact (as logged by :class:`CheckpointArtifactLogger` and by
-        ``WandbLogger(log_model=...)``), else its only ``.ckpt`` entry, else the download directory.
-
-    Raises:
-        ArtifactUnavailableError: If the artifact cannot be fetched; the message says why.
-    """
-    del map_location  # nothing is loaded here; see the docstring
-    ref = ref[len("wandb:") :] if ref.startswith("wandb:") else ref
-    mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    if mode in ("offline", "dryrun", "disabled"):
-        raise _unavailable(ref, f"W&B is in {mode} mode (WANDB_MODE={mode})")
-    if not _has_api_key():
-        raise _unavailable(ref, "no W&B API key (WANDB_API_KEY is unset and ~/.netrc has no W&B entry)")
-    try:
-        import wandb
-
-        run = wandb.run
-        if run is not None and not run.offline:
-            # Inside a live run, ``use_artifact`` also records the lineage edge (like WandbLogger.download_artifact).
-            artifact = run.use_artifact(ref)
-        else:
-            artifact = wandb.Api(timeout=timeout_s).artifact(ref)
-        directory = Path(artifact.download(root=root))
-    except Exception as err:  # any failure (auth, network, unknown name) gets the same actionable message
-        raise _unavailable(ref, f"{type(err).__name__}: {err}") from err
-    if (directory / "model.ckpt").exists():
-        return directory / "model.ckpt"
-    ckpts = sorted(directory.rglob("*.ckpt"))
-    return ckpts[0] if len(ckpts) == 1 else directory
-
-
-def resolve_checkpoint(ref_or_path: str | os.PathLike[str]) -> Path | str:
-    """Turn a local path or a W&B artifact reference into something ``trainer.fit(ckpt_path=...)`` accepts.
-
-    - An existing local path is returned as a :class:`~pathlib.Path`.
-    - Lightning's own keywords (``"last"``, ``"best"``, ``"hpc"``, ``"registry"``, ``"registry:..."``) are returned
-      unchanged.
-    - ``wandb:<ref>`` and ``[entity/][project/]name:alias`` references are downloaded with
-      :func:`load_from_artifact`.
-
-    Example::
-
-        trainer.fit(model, ckpt_path=resolve_checkpoint("my-team/cs336/model-1a2b3c4d:best"))
-
-    Raises:
-        ArtifactUnavailableError: If a reference cannot be fetched.
-        FileNotFoundError: If it is neither an existing path nor an artifact reference.
-    """
-    text = os.fspath(ref_or_path)
-    if text in _LIGHTNING_CKPT_KEYWORDS or text.startswith("registry:"):
-        return text
-    if text.startswith("wandb:"):
-        return load_from_artifact(text)
-    if os.path.exists(text):
-        return Path(text)
-    if _ARTIFACT_REF.match(text):
-        return load_from_artifact(text)
-    raise FileNotFoundError(
-        f"checkpoint {text!r} is neither an existing file nor a W&B artifact reference "
-        "(use 'entity/project/name:alias' or 'wandb:<ref>')"
-    )
 
 
 def prune_artifact_versions(
@@ -446,10 +318,7 @@ class CheckpointArtifactLogger(TelemetryCallback):
             raise ValueError(
                 f"artifact_type must be a non-empty name (letters, digits, '-', '_', '.'), got {artifact_type!r}"
             )
-        if keep_last_k is not None and (
-            isinstance(keep_last_k, bool) or not isinstance(keep_last_k, int) or keep_last_k < 1
-        ):
-            raise ValueError(f"keep_last_k must be a positive integer or None, got {keep_last_k!r}")
+        check_positive_int("keep_last_k", keep_last_k, optional=True)
         if (
             isinstance(wait_timeout_s, bool)
             or not isinstance(wait_timeout_s, (int, float))
@@ -471,6 +340,7 @@ class CheckpointArtifactLogger(TelemetryCallback):
         self._pending: list[_Pending] = []
         self._git_commit: str | None = None
         self._last_artifact: Any = None
+        self._stop_listening: list[Any] = []
 
     # ----------------------------------------------------------------------------------------------------------
     # hooks
@@ -481,7 +351,7 @@ class CheckpointArtifactLogger(TelemetryCallback):
         if stage != "fit" or not trainer.is_global_zero:
             return
         self._git_commit = git_state()[0]
-        wandb_logger = find_logger(trainer, "wandb")
+        wandb_logger = find_logger(trainer, WandbLogger)
         if wandb_logger is not None and getattr(wandb_logger, "_log_model", False):
             self.warn_once(
                 "log-model",
@@ -498,24 +368,18 @@ class CheckpointArtifactLogger(TelemetryCallback):
         # Baseline after the checkpoint (if any) was restored: only saves made from now on count.
         self._markers = {}
         self._scan(trainer)
+        self._unlisten()
+        if trainer.is_global_zero:
+            # Each ModelCheckpoint pushes every file it writes to us at the moment of writing (no polling).
+            self._stop_listening = [_compat.on_checkpoint_saved(cb, self._saved) for cb in trainer.checkpoint_callbacks]
 
     @override
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._poll(trainer)
-
-    @override
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._poll(trainer)
-
-    @override
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._poll(trainer)
-
-    @override
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._poll(trainer)
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # Not save detection (saves are pushed): the upload of what the previous hook's saves queued. Here, because a
+        # ModelCheckpoint may write several files in one hook (a top-k file, then last.ckpt) that belong to one
+        # artifact version, and because asynchronous IO finishes files later.
+        if self._pending and trainer.is_global_zero:
+            self._finalize(trainer, block=False)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -524,6 +388,7 @@ class CheckpointArtifactLogger(TelemetryCallback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._unlisten()
         if stage == "fit":
             self._flush(trainer)
         self._snapshots.clear()
@@ -555,10 +420,12 @@ class CheckpointArtifactLogger(TelemetryCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        # Queued saves count as logged (they are, right after): a checkpoint holding this state must not relog them.
+        queued = {p.step for p in self._pending} - self._logged_steps
         return {
-            "logged_steps": sorted(self._logged_steps | {p.step for p in self._pending}),
+            "logged_steps": sorted(self._logged_steps | queued),
             "logged": [dict(entry) for entry in self._logged],
-            "count": self._count,
+            "count": self._count + len(queued),
         }
 
     @override
@@ -570,13 +437,14 @@ class CheckpointArtifactLogger(TelemetryCallback):
     # ----------------------------------------------------------------------------------------------------------
     # detection
 
-    def _poll(self, trainer: Trainer) -> None:
-        """Cheap per-hook work: detect new saves, upload the pending files that are complete, never wait."""
-        if not trainer.is_global_zero:
-            return
-        self._scan(trainer)
-        if self._pending:
-            self._finalize(trainer, block=False)
+    def _saved(self, trainer: Trainer, checkpoint_callback: Any, filepath: str) -> None:
+        """Pushed right after ``checkpoint_callback`` wrote ``filepath``: queue it (uploaded at the next batch)."""
+        self._scan_one(trainer, checkpoint_callback)
+
+    def _unlisten(self) -> None:
+        for stop in self._stop_listening:
+            stop()
+        self._stop_listening = []
 
     def _flush(self, trainer: Trainer) -> None:
         """Detect the last saves and upload everything pending, waiting for incomplete files (with a timeout)."""
@@ -588,36 +456,40 @@ class CheckpointArtifactLogger(TelemetryCallback):
             self._prune_online(trainer, wait=True)
 
     def _scan(self, trainer: Trainer) -> None:
-        """Compare each ModelCheckpoint with its state at the previous scan and queue the files it wrote since."""
+        """:meth:`_scan_one` for every checkpoint callback (at train start for the baseline, and at the end)."""
         for callback in trainer.checkpoint_callbacks:
-            saved_step = getattr(callback, "_last_global_step_saved", None)
-            saved_path = getattr(callback, "_last_checkpoint_saved", None)
-            if not isinstance(saved_step, int) or not isinstance(saved_path, str):
-                if not hasattr(callback, "best_model_path"):
-                    continue  # not a model-saving policy (e.g. OnExceptionCheckpoint): nothing to follow
-                self.warn_once(
-                    f"unsupported-{type(callback).__name__}",
-                    f"{type(callback).__name__} does not expose ModelCheckpoint's save markers; its checkpoints are"
-                    " not logged.",
-                )
-                continue
-            score = getattr(callback, "current_score", None)
-            best_path = str(getattr(callback, "best_model_path", "") or "")
-            marker = _Marker((saved_step, saved_path), score, best_path)
-            previous = self._markers.get(id(callback))
-            self._markers[id(callback)] = marker
-            if previous is None or marker.saved == previous.saved or not saved_path:
-                continue
-            paths: list[str] = []
-            monitor = getattr(callback, "monitor", None)
-            top_k = getattr(callback, "save_top_k", 0)
-            if monitor is not None and score is not None and score is not previous.score:
-                # _update_best_and_save stores the same tensor object as current_score and in best_k_models.
-                paths += [p for p, v in getattr(callback, "best_k_models", {}).items() if v is score][:1]
-            elif monitor is None and top_k != 0 and best_path and self._fresh(best_path, previous, saved_step):
-                paths.append(best_path)
-            paths.append(saved_path)
-            self._detected(trainer, callback, saved_step, list(dict.fromkeys(paths)))
+            self._scan_one(trainer, callback)
+
+    def _scan_one(self, trainer: Trainer, callback: Any) -> None:
+        """Compare a ModelCheckpoint with its state at the previous scan and queue the files it wrote since."""
+        saved = _compat.last_save(callback)
+        if saved is None:
+            if not hasattr(callback, "best_model_path"):
+                return  # not a model-saving policy (e.g. OnExceptionCheckpoint): nothing to follow
+            self.warn_once(
+                f"unsupported-{type(callback).__name__}",
+                f"{type(callback).__name__} does not expose ModelCheckpoint's save markers; its checkpoints are"
+                " not logged.",
+            )
+            return
+        saved_step, saved_path = saved
+        score = getattr(callback, "current_score", None)
+        best_path = str(getattr(callback, "best_model_path", "") or "")
+        marker = _Marker((saved_step, saved_path), score, best_path)
+        previous = self._markers.get(id(callback))
+        self._markers[id(callback)] = marker
+        if previous is None or marker.saved == previous.saved or not saved_path:
+            return
+        paths: list[str] = []
+        monitor = getattr(callback, "monitor", None)
+        top_k = getattr(callback, "save_top_k", 0)
+        if monitor is not None and score is not None and score is not previous.score:
+            # _update_best_and_save stores the same tensor object as current_score and in best_k_models.
+            paths += [p for p, v in getattr(callback, "best_k_models", {}).items() if v is score][:1]
+        elif monitor is None and top_k != 0 and best_path and self._fresh(best_path, previous, saved_step):
+            paths.append(best_path)
+        paths.append(saved_path)
+        self._detected(trainer, callback, saved_step, list(dict.fromkeys(paths)))
 
     def _fresh(self, best_path: str, previous: _Marker, step: int) -> bool:
         """Whether a monitor-less ModelCheckpoint rewrote ``best_model_path`` at ``step`` (it may be a stale path
@@ -655,7 +527,7 @@ class CheckpointArtifactLogger(TelemetryCallback):
             meta["mode"] = getattr(callback, "mode", None)
             value = meta["metrics"].get(monitor)
             if value is None and getattr(callback, "current_score", None) is not None:
-                value = _json_safe(callback.current_score)
+                value = json_safe(callback.current_score)
             meta["value"] = value
         meta["files"] = list(entry.paths)
 
@@ -666,7 +538,7 @@ class CheckpointArtifactLogger(TelemetryCallback):
             for k, v in trainer.callback_metrics.items()
             if (isinstance(v, torch.Tensor) and v.numel() == 1) or isinstance(v, (int, float))
         }
-        metrics = _json_safe(to_host(scalars))  # one device-to-host transfer for all of them
+        metrics = json_safe(to_host(scalars))  # one device-to-host transfer for all of them
         hparams = getattr(pl_module, "hparams", None) if pl_module is not None else None
         return {
             "step": step,
@@ -675,7 +547,7 @@ class CheckpointArtifactLogger(TelemetryCallback):
             "value": None,
             "mode": None,
             "metrics": metrics,
-            "config": _json_safe(dict(hparams)) if isinstance(hparams, Mapping) else {},
+            "config": json_safe(dict(hparams)) if isinstance(hparams, Mapping) else {},
             "git_commit": self._git_commit,
             "filename": None,
             "files": [],
@@ -688,7 +560,7 @@ class CheckpointArtifactLogger(TelemetryCallback):
         (AsyncCheckpointIO), ``("sync", None)`` for TorchCheckpointIO, ``("unknown", None)`` otherwise."""
         from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-        io = getattr(trainer.strategy, "_checkpoint_io", None)
+        io = _compat.checkpoint_io(trainer)
         if io is None:
             return "sync", None  # the strategy creates a TorchCheckpointIO lazily
         for _ in range(8):  # walk _WrappingCheckpointIO chains
@@ -787,7 +659,7 @@ class CheckpointArtifactLogger(TelemetryCallback):
         self._count += 1
         self._logged_steps.add(entry.step)
 
-        wandb_logger = find_logger(trainer, "wandb")
+        wandb_logger = find_logger(trainer, WandbLogger)
         artifact_name = None
         manifest_loggers: list[Logger | None] = [lg for lg in trainer.loggers if lg is not wandb_logger]
         if wandb_logger is not None:
@@ -868,7 +740,7 @@ class CheckpointArtifactLogger(TelemetryCallback):
     ) -> None:
         """Apply ``keep_last_k`` on the W&B server (online runs only; see the class docstring)."""
         if experiment is None:
-            wandb_logger = find_logger(trainer, "wandb") if trainer is not None else None
+            wandb_logger = find_logger(trainer, WandbLogger) if trainer is not None else None
             if wandb_logger is None:
                 return
             experiment = wandb_logger.experiment

@@ -19,12 +19,18 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_cs336.callbacks._base import TelemetryCallback, clean_param_name, to_host
+from lightning_cs336.callbacks._base import (
+    TelemetryCallback,
+    check_positive_int,
+    clean_param_name,
+    distributed_ready,
+    is_dtensor,
+    local_tensor,
+)
+from lightning_cs336.callbacks._sinks import to_host
 
 __all__ = ["GradientNormMonitor"]
 
-# Module names that wrappers insert into parameter names; dropping them keeps group names stable across strategies
-# (``layers.3.attn`` whether or not the block is FSDP-wrapped, activation-checkpointed or torch.compile'd).
 # torch.nn.utils.clip_grad_norm_ scales by max_norm / (total_norm + eps) with this eps.
 _CLIP_EPS = 1e-6
 _ON_NONFINITE = ("count", "skip", "stop")
@@ -43,17 +49,13 @@ def _group_of(name: str, depth: int) -> str:
     return ".".join(module_parts[:depth])
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
-
-
 def _replicas(param: Tensor, plain_replicas: int) -> int:
     """How many ranks hold an identical copy of this parameter's local gradient.
 
     A DTensor is copied once per mesh rank along each ``Replicate`` dimension (1 for FSDP2's ``Shard(0)``, the
     replicate-group size for HSDP). A plain tensor is replicated ``plain_replicas`` times (the strategy decides).
     """
-    if not _is_dtensor(param):
+    if not is_dtensor(param):
         return plain_replicas
     copies = 1
     for dim, placement in enumerate(param.placements):
@@ -111,8 +113,7 @@ def _foreach_norms(tensors: list[Tensor], ord: float, home: torch.device) -> Ten
 
 
 def _local(grad: Tensor) -> Tensor:
-    if _is_dtensor(grad):
-        grad = grad.to_local()
+    grad = local_tensor(grad)
     if grad.is_sparse:
         grad = grad.coalesce().values()
     return grad
@@ -136,7 +137,7 @@ class _ParamCache:
         self.names = [names.get(id(p), f"<unnamed {i}>") for i, p in enumerate(self.params)]
         self.home = home
         # Only DTensor (sharded) or sparse gradients need unwrapping; skip the per-tensor checks otherwise.
-        self.needs_local = any(_is_dtensor(p) or id(p) in sparse for p in self.params)
+        self.needs_local = any(is_dtensor(p) or id(p) in sparse for p in self.params)
         self.depth = depth
         self.groups: list[str] = []
         group_ids: list[int] = []
@@ -300,10 +301,7 @@ class GradientNormMonitor(TelemetryCallback):
         prefix: str = "",
     ) -> None:
         super().__init__(log_every_n_steps=log_every_n_steps, prefix=prefix)
-        if per_layer_depth is not None and (
-            isinstance(per_layer_depth, bool) or not isinstance(per_layer_depth, int) or per_layer_depth < 1
-        ):
-            raise ValueError(f"per_layer_depth must be a positive integer or None, got {per_layer_depth!r}")
+        check_positive_int("per_layer_depth", per_layer_depth, optional=True)
         if on_nonfinite not in _ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {_ON_NONFINITE}, got {on_nonfinite!r}")
         self.per_layer_depth = per_layer_depth
@@ -317,7 +315,7 @@ class GradientNormMonitor(TelemetryCallback):
         self._cache: _ParamCache | None = None
         self._window: list[Tensor] = []
         self._group_sq: Tensor | None = None
-        self._stepped_this_batch = False
+        self._measured_this_batch = False
         self._last_skipped = False
         # Whether the window's rows are the same on every rank (not sharded, or all-reduced per step): only then can a
         # checkpoint carry them over to a resumed run.
@@ -345,7 +343,7 @@ class GradientNormMonitor(TelemetryCallback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._stepped_this_batch = False
+        self._measured_this_batch = False
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
@@ -393,16 +391,18 @@ class GradientNormMonitor(TelemetryCallback):
                     self._skip(trainer, cache)
             self._rows_global = not cache.needs_reduce or self.on_nonfinite != "count"
             self._window.append(row)
-            self._stepped_this_batch = True
+            self._measured_this_batch = True
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Flush after the optimizer step so that value-clipping's post-clip norm can be measured on the clipped grads.
-        if not self._stepped_this_batch:
+        # Not "did the optimizer step" (the clock knows that) but "did on_before_optimizer_step run": a training_step
+        # that returns None skips it, and then there is nothing new to log.
+        if not self._measured_this_batch:
             return
-        self._stepped_this_batch = False
+        self._measured_this_batch = False
         if self.is_logging_step(trainer):
             self._flush(trainer)
 
@@ -456,9 +456,7 @@ class GradientNormMonitor(TelemetryCallback):
                 for m in pl_module.modules()
                 if isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) and m.sparse
             }
-            world = max(int(trainer.world_size), 1)
-            if world > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-                world = 1
+            world = max(int(trainer.world_size), 1) if distributed_ready(trainer) else 1
             cache = self._caches[id(optimizer)] = _ParamCache(
                 optimizer,
                 names,

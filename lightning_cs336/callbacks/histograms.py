@@ -17,11 +17,11 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_cs336.callbacks._base import TelemetryCallback, clean_param_name
+from lightning_cs336.callbacks._base import TelemetryCallback, clean_param_name, local_tensor
+from lightning_cs336.callbacks._sinks import log_histograms, to_host_rows
 
 __all__ = ["HistogramLogger"]
 
-# Wrapper prefixes that FSDP, activation checkpointing and torch.compile insert into parameter names.
 # Elements per chunk of the on-device histogram: bounds the temporary memory (an int64 bin index and a float32
 # copy per element) for very large parameters such as embeddings.
 _CHUNK = 1 << 22
@@ -33,7 +33,7 @@ _STATS = ("mean", "std", "min", "max", "nonfinite_count")
 class HistogramLogger(TelemetryCallback):
     r"""Log a histogram of every parameter's weights, and optionally of its gradients, every N steps.
 
-    At each logging step (the same rule as Lightning's ``log_every_n_steps``, with ``every_n_steps`` as the interval)
+    At each logging step (the same rule as Lightning's ``log_every_n_steps``)
     the callback summarizes each parameter of the optimizer being stepped, in ``on_before_optimizer_step``: the
     weights are the ones this batch's loss was computed with, and the gradients are read there because it is the
     one point where they exist, accumulated over micro-batches and unscaled by mixed precision, before clipping and
@@ -68,8 +68,8 @@ class HistogramLogger(TelemetryCallback):
     ==================================== ========== ===============================================================
     key                                  unit       when
     ==================================== ========== ===============================================================
-    ``weights/<name>``                   histogram  every ``every_n_steps`` steps (W&B, TensorBoard)
-    ``weights/<name>/mean``              param unit every ``every_n_steps`` steps (CSV and other loggers; W&B and
+    ``weights/<name>``                   histogram  every ``log_every_n_steps`` steps (W&B, TensorBoard)
+    ``weights/<name>/mean``              param unit every ``log_every_n_steps`` steps (CSV and other loggers; W&B and
                                                     TensorBoard too when ``log_stats``)
     ``weights/<name>/std``               param unit as ``weights/<name>/mean`` (unbiased, as ``torch.std``)
     ``weights/<name>/min``               param unit as ``weights/<name>/mean``
@@ -87,12 +87,13 @@ class HistogramLogger(TelemetryCallback):
     A tensor with no finite element gets NaN statistics and no histogram.
 
     Args:
-        every_n_steps: Log every this many optimizer steps. ``None`` follows ``Trainer(log_every_n_steps=...)``.
+        log_every_n_steps: Log every this many optimizer steps. ``None`` follows ``Trainer(log_every_n_steps=...)``.
         bins: Number of equal-width bins per histogram, 1 to 512 (W&B's limit).
         log_weights: Log the weights.
         log_gradients: Log the gradients (parameters without a gradient at that step are skipped).
         log_stats: Also log the scalar statistics to W&B and TensorBoard (they always go to the other loggers).
         prefix: Prepended to every logged key.
+        **deprecated: ``every_n_steps``, the old name of ``log_every_n_steps``.
 
     Raises:
         ValueError: If an argument is out of range, or neither weights nor gradients are logged.
@@ -102,7 +103,7 @@ class HistogramLogger(TelemetryCallback):
         from lightning.pytorch import Trainer
         from lightning_cs336.callbacks.histograms import HistogramLogger
 
-        trainer = Trainer(callbacks=[HistogramLogger(every_n_steps=200, log_gradients=True)])
+        trainer = Trainer(callbacks=[HistogramLogger(log_every_n_steps=200, log_gradients=True)])
 
     In a LightningCLI config::
 
@@ -110,7 +111,7 @@ class HistogramLogger(TelemetryCallback):
           callbacks:
             - class_path: lightning_cs336.callbacks.histograms.HistogramLogger
               init_args:
-                every_n_steps: 200
+                log_every_n_steps: 200
                 bins: 64
                 log_gradients: true
     """
@@ -133,18 +134,19 @@ class HistogramLogger(TelemetryCallback):
 
     def __init__(
         self,
-        every_n_steps: int | None = 100,
+        log_every_n_steps: int | None = 100,
         bins: int = 64,
         log_weights: bool = True,
         log_gradients: bool = False,
         log_stats: bool = True,
         prefix: str = "",
+        **deprecated: Any,
     ) -> None:
-        if every_n_steps is not None and (
-            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
-        ):
-            raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
-        super().__init__(log_every_n_steps=every_n_steps, prefix=prefix)
+        if "every_n_steps" in deprecated:
+            log_every_n_steps = self._deprecated_interval(deprecated.pop("every_n_steps"), none_means=None)
+        if deprecated:
+            raise TypeError(f"HistogramLogger got unexpected keyword arguments {sorted(deprecated)}")
+        super().__init__(log_every_n_steps=log_every_n_steps, prefix=prefix)
         if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= 512:
             raise ValueError(f"bins must be an integer in [1, 512], got {bins!r}")
         for name, value in (("log_weights", log_weights), ("log_gradients", log_gradients), ("log_stats", log_stats)):
@@ -154,7 +156,6 @@ class HistogramLogger(TelemetryCallback):
             raise ValueError(
                 f"at least one of log_weights ({log_weights!r}) and log_gradients ({log_gradients!r}) must be True"
             )
-        self.every_n_steps = every_n_steps
         self.bins = bins
         self.log_weights = log_weights
         self.log_gradients = log_gradients
@@ -190,13 +191,13 @@ class HistogramLogger(TelemetryCallback):
         """Summarize ``tensors`` on the device, copy everything to the host at once and hand it to the loggers."""
         summaries: dict[str, torch.Tensor] = {}
         for key, tensor in tensors:
-            local = _local(tensor)
+            local = local_tensor(tensor)
             if local.numel() == 0:  # e.g. an empty FSDP shard on this rank
                 continue
             summaries[self.prefix + key] = _summarize(local, self.bins)
         if not summaries:
             return
-        host = _to_host_rows(summaries)
+        host = to_host_rows(summaries)
 
         stats: dict[str, float] = {}
         histograms: dict[str, tuple[dict[str, float], list[float], list[float]]] = {}
@@ -211,45 +212,7 @@ class HistogramLogger(TelemetryCallback):
                 histograms[key] = (fields, counts, edges)
             stats.update({f"{key}/{stat}": fields[stat] for stat in _STATS})
 
-        for logger in trainer.loggers:
-            kind = type(logger).__name__
-            if kind == "WandbLogger":
-                import wandb
-
-                payload: dict[str, Any] = {
-                    key: wandb.Histogram(np_histogram=([int(c) for c in counts], edges))
-                    for key, (_, counts, edges) in histograms.items()
-                }
-                if self.log_stats:
-                    payload.update(stats)
-                payload["trainer/global_step"] = step
-                logger.experiment.log(payload)
-            elif kind == "TensorBoardLogger":
-                writer = logger.experiment
-                for key, (fields, counts, edges) in histograms.items():
-                    writer.add_histogram_raw(
-                        key,
-                        min=fields["min"],
-                        max=fields["max"],
-                        num=int(fields["num"]),
-                        sum=fields["sum"],
-                        sum_squares=fields["sum_squares"],
-                        bucket_limits=edges[1:],
-                        bucket_counts=counts,
-                        global_step=step,
-                    )
-                if self.log_stats:
-                    logger.log_metrics(stats, step=step)
-            else:
-                logger.log_metrics(stats, step=step)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2, tensor parallel), else the tensor itself; detached."""
-    to_local = getattr(tensor, "to_local", None)
-    if callable(to_local):
-        tensor = to_local()
-    return tensor.detach()
+        log_histograms(trainer, histograms, stats, step, stats_everywhere=self.log_stats)
 
 
 def _summarize(tensor: torch.Tensor, bins: int) -> torch.Tensor:
@@ -312,15 +275,3 @@ def _summarize(tensor: torch.Tensor, bins: int) -> torch.Tensor:
         + [lo.to(acc), hi.to(acc)]
     )
     return torch.cat([fields, counts[:bins].to(acc)])
-
-
-def _to_host_rows(summaries: dict[str, torch.Tensor]) -> dict[str, list[float]]:
-    """Copy every summary vector to the host: one transfer per device (one in total on a single device)."""
-    by_device: dict[tuple[torch.device, torch.dtype], list[str]] = {}
-    for key, vector in summaries.items():
-        by_device.setdefault((vector.device, vector.dtype), []).append(key)
-    out: dict[str, list[float]] = {}
-    for keys in by_device.values():
-        host = torch.stack([summaries[k] for k in keys]).cpu().tolist()
-        out.update(zip(keys, host, strict=True))
-    return out

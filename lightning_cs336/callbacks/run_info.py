@@ -9,7 +9,6 @@ start of fit, and a run summary (final and best losses, time, tokens seen) at th
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -18,15 +17,16 @@ import sys
 import time
 from collections.abc import Mapping
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from typing_extensions import override
 
-from lightning_cs336.callbacks._base import TelemetryCallback, first_tensor, git_state, logger_dir
+from lightning_cs336.callbacks._base import TelemetryCallback, count_batch, distributed_ready, git_state
+from lightning_cs336.callbacks._sinks import log_summary
 from lightning_cs336.callbacks.memory import total_memory_bytes
 
 __all__ = ["RunInfoLogger", "count_parameters", "hardware_info", "software_info"]
@@ -52,29 +52,7 @@ def _cpu_model() -> str | None:
 
 
 def _physical_cores() -> int | None:
-    try:
-        import psutil
-
-        cores = psutil.cpu_count(logical=False)
-        if cores:
-            return int(cores)
-    except Exception:  # ImportError, or psutil unable to tell on this platform
-        pass
-    # /proc/cpuinfo: one (physical id, core id) pair per physical core.
-    try:
-        pairs: set[tuple[str, str]] = set()
-        physical = ""
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                name, _, value = line.partition(":")
-                name = name.strip()
-                if name == "physical id":
-                    physical = value.strip()
-                elif name == "core id":
-                    pairs.add((physical, value.strip()))
-        return len(pairs) or None
-    except OSError:
-        return None
+    return psutil.cpu_count(logical=False) or None  # None where psutil cannot tell
 
 
 def hardware_info() -> dict[str, Any]:
@@ -182,10 +160,6 @@ def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, An
         else:
             out[key] = dict(value) if isinstance(value, Mapping) else value
     return out
-
-
-def _distributed(trainer: Trainer) -> bool:
-    return trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _is_fsdp1(trainer: Trainer) -> bool:
@@ -426,7 +400,7 @@ class RunInfoLogger(TelemetryCallback):
 
     def _model_info(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         counts = count_parameters(pl_module)
-        if _is_fsdp1(trainer) and _distributed(trainer):
+        if _is_fsdp1(trainer) and distributed_ready(trainer):
             # FSDP1 leaves each rank a shard: the sum over ranks is the model. Every rank runs this collective.
             tensor = torch.tensor(
                 [counts["total"], counts["trainable"], counts["non_embedding"]],
@@ -494,11 +468,13 @@ class RunInfoLogger(TelemetryCallback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        tensor = first_tensor(batch)
-        if tensor is None:
+        # The suite's one token count (``count_batch``, as SpeedMonitor's ``throughput/tokens_total``): every batch,
+        # micro-batches included, from shapes only (no device sync).
+        counted = count_batch(batch)
+        if counted is None:
             self.warn_once("tokens", "no tensor found in the training batch, so tokens are not counted.")
             return
-        self._tokens_local += tensor.numel()  # a shape property: no device sync
+        self._tokens_local += counted[1]
 
     def _metric(self, trainer: Trainer, *keys: str) -> float | None:
         for source in (trainer.callback_metrics, trainer.logged_metrics):
@@ -527,7 +503,7 @@ class RunInfoLogger(TelemetryCallback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         tokens = self.tokens_seen()
-        if _distributed(trainer):
+        if distributed_ready(trainer):
             # Exact total over ranks (their batches may differ in size). Every rank runs this collective.
             tensor = torch.tensor([self._tokens_local], dtype=torch.int64, device=trainer.strategy.root_device)
             torch.distributed.all_reduce(tensor)
@@ -545,19 +521,4 @@ class RunInfoLogger(TelemetryCallback):
             "summary/global_step": int(trainer.global_step),
         }
         self.summary = {self.prefix + k: v for k, v in values.items() if v is not None}
-        if trainer.global_rank != 0 or not trainer.loggers:
-            return
-        step = self.step(trainer)
-        written: set[Path] = set()
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                logger.experiment.summary.update(self.summary)
-                continue
-            # No run summary elsewhere: the values become one last row, and a JSON file next to the logs.
-            logger.log_metrics({k: float(v) for k, v in self.summary.items()}, step=step)
-            path = logger_dir(trainer, logger) / self.SUMMARY_FILE
-            if path not in written:
-                written.add(path)
-                os.makedirs(path.parent, exist_ok=True)
-                record = {"summary": self.summary, "run_info": self.run_info}
-                path.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+        log_summary(trainer, self.summary, self.step(trainer), self.SUMMARY_FILE, extra={"run_info": self.run_info})

@@ -10,10 +10,8 @@ validation and checkpointing, measured without synchronising the device on steps
 from __future__ import annotations
 
 import math
-import re
 import statistics
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,145 +22,18 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_cs336.callbacks._base import TelemetryCallback, first_tensor
+from lightning_cs336.callbacks import _compat
+from lightning_cs336.callbacks._base import TelemetryCallback, count_batch
+from lightning_cs336.callbacks.peak_flops import (  # noqa: F401  (DTYPES, PEAK_FLOPS: re-exported)
+    DTYPES,
+    PEAK_FLOPS,
+    _tokens,
+    lookup_peak_flops,
+    precision_dtype,
+    tf32_enabled,
+)
 
-__all__ = ["PEAK_FLOPS", "SpeedMonitor", "lookup_peak_flops", "precision_dtype", "tf32_enabled"]
-
-#: The dtypes a peak table row may hold.
-DTYPES: tuple[str, ...] = ("fp64", "fp32", "tf32", "bf16", "fp16", "fp8")
-
-# Peak *dense* FLOP/s per device, by device-name tokens and dtype, from the vendors' datasheets. Datasheets often
-# print tensor-core figures "with sparsity" (2x the dense figure, marked with an asterisk): those were halved, because
-# a training step runs dense matmuls and MFU against a sparse peak reads 2x too low. fp16/bf16/fp8 are the rates with
-# FP32 accumulation (what PyTorch uses); GeForce cards run that at half their FP16-accumulate rate.
-# "fp32" is the non-tensor-core FP32 rate; "tf32" the TF32 tensor-core rate (absent where there is none, in which case
-# lookups of "tf32" fall back to "fp32").
-PEAK_FLOPS: dict[str, dict[str, float]] = {
-    # Hopper. H100 SXM5 is reported as "NVIDIA H100 80GB HBM3"; H200 SXM as "NVIDIA H200".
-    "h100": {"fp64": 67e12, "fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12},
-    "h100 pcie": {"fp64": 51.2e12, "fp32": 51.2e12, "tf32": 378e12, "bf16": 756e12, "fp16": 756e12, "fp8": 1513e12},
-    # The 94 GB H100 NVL (one GPU, not the 2-GPU pair some older tables list).
-    "h100 nvl": {"fp64": 60e12, "fp32": 60e12, "tf32": 417.5e12, "bf16": 835.5e12, "fp16": 835.5e12, "fp8": 1670.5e12},
-    "h800": {"fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12},
-    "gh200": {"fp64": 67e12, "fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12},
-    "h200": {"fp64": 67e12, "fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp16": 989.4e12, "fp8": 1978.9e12},
-    "h200 nvl": {"fp64": 60e12, "fp32": 60e12, "tf32": 417.5e12, "bf16": 835.5e12, "fp16": 835.5e12, "fp8": 1670.5e12},
-    "h20": {"fp32": 44e12, "tf32": 74e12, "bf16": 148e12, "fp16": 148e12, "fp8": 296e12},
-    # Blackwell: HGX B200 figures per GPU.
-    "b200": {"fp32": 75e12, "tf32": 1125e12, "bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12},
-    # Ampere (A100 SXM4 and PCIe have the same rates).
-    "a100": {"fp64": 19.5e12, "fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},
-    "a30": {"fp64": 10.3e12, "fp32": 10.3e12, "tf32": 82e12, "bf16": 165e12, "fp16": 165e12},
-    "a40": {"fp32": 37.4e12, "tf32": 74.8e12, "bf16": 149.7e12, "fp16": 149.7e12},
-    "a10": {"fp32": 31.2e12, "tf32": 62.5e12, "bf16": 125e12, "fp16": 125e12},
-    # AWS publishes no tensor-core figures for the A10G; these are the A10's (override if you measured otherwise).
-    "a10g": {"fp32": 31.2e12, "tf32": 62.5e12, "bf16": 125e12, "fp16": 125e12},
-    "a6000": {"fp32": 38.7e12, "tf32": 77.4e12, "bf16": 154.8e12, "fp16": 154.8e12},
-    "rtx 3090": {"fp32": 35.6e12, "tf32": 35.6e12, "bf16": 71e12, "fp16": 71e12},
-    "rtx 3090 ti": {"fp32": 40e12, "tf32": 40e12, "bf16": 80e12, "fp16": 80e12},
-    # Ada
-    "l4": {"fp32": 30.3e12, "tf32": 60e12, "bf16": 121e12, "fp16": 121e12, "fp8": 242.5e12},
-    "l40": {"fp32": 90.5e12, "tf32": 90.5e12, "bf16": 181e12, "fp16": 181e12, "fp8": 362e12},
-    "l40s": {"fp32": 91.6e12, "tf32": 183e12, "bf16": 362.05e12, "fp16": 362.05e12, "fp8": 733e12},
-    "rtx 4090": {"fp32": 82.6e12, "tf32": 82.6e12, "bf16": 165.2e12, "fp16": 165.2e12, "fp8": 330.3e12},
-    "rtx 4080": {"fp32": 48.7e12, "tf32": 48.7e12, "bf16": 97.5e12, "fp16": 97.5e12, "fp8": 194.9e12},
-    # Volta and Turing: no bf16 or tf32 tensor cores; "fp16" is the tensor-core rate.
-    "v100": {"fp64": 7.8e12, "fp32": 15.7e12, "fp16": 125e12},
-    "v100 pcie": {"fp64": 7e12, "fp32": 14e12, "fp16": 112e12},
-    "v100s": {"fp64": 8.2e12, "fp32": 16.4e12, "fp16": 130e12},
-    "t4": {"fp32": 8.1e12, "fp16": 65e12},
-    # AMD Instinct (ROCm builds report these names through torch.cuda.get_device_name).
-    "mi300x": {"fp64": 163.4e12, "fp32": 163.4e12, "tf32": 653.7e12, "bf16": 1307.4e12, "fp16": 1307.4e12,
-               "fp8": 2614.9e12},
-    "mi325x": {"fp64": 163.4e12, "fp32": 163.4e12, "tf32": 653.7e12, "bf16": 1307.4e12, "fp16": 1307.4e12,
-               "fp8": 2614.9e12},
-    "mi250x": {"fp64": 95.7e12, "fp32": 95.7e12, "bf16": 383e12, "fp16": 383e12},
-    "mi250": {"fp64": 90.5e12, "fp32": 90.5e12, "bf16": 362.1e12, "fp16": 362.1e12},
-}  # fmt: skip
-
-
-def _tokens(name: str) -> tuple[str, ...]:
-    """Lower-case alphanumeric words: ``"NVIDIA A100-SXM4-80GB"`` -> ``("nvidia", "a100", "sxm4", "80gb")``."""
-    return tuple(re.findall(r"[a-z0-9]+", name.lower()))
-
-
-def _best_row(device_name: str, table: Mapping[str, Mapping[str, float]]) -> str | None:
-    """The table key whose words all appear as whole words in ``device_name``; the most specific (most words, then
-    longest) wins, so ``"NVIDIA H100 PCIe"`` picks ``"h100 pcie"`` over ``"h100"``. Whole words keep ``"a10"`` from
-    matching an A100 and ``"h200"`` from matching a GH200."""
-    words = set(_tokens(device_name))
-    best: tuple[int, int, str] | None = None
-    for key in table:
-        key_words = _tokens(key)
-        if key_words and words.issuperset(key_words):
-            rank = (len(key_words), len(key), key)
-            if best is None or rank[:2] > best[:2]:
-                best = rank
-    return best[2] if best is not None else None
-
-
-def lookup_peak_flops(
-    device_name: str, dtype: str | None, table: Mapping[str, Mapping[str, float]] | None = None
-) -> float | None:
-    """Peak dense FLOP/s of one device for ``dtype``, or ``None`` if unknown.
-
-    Args:
-        device_name: As ``torch.cuda.get_device_name()`` reports it, e.g. ``"NVIDIA H100 80GB HBM3"``.
-        dtype: One of ``"fp64"``, ``"fp32"``, ``"tf32"``, ``"bf16"``, ``"fp16"``, ``"fp8"`` (see
-            :func:`precision_dtype`). ``"tf32"`` falls back to ``"fp32"`` on a device without TF32 tensor cores.
-        table: Extra rows in the format of :data:`PEAK_FLOPS`, searched first (a match there that has ``dtype`` wins
-            over the built-in table even when a built-in key is more specific).
-
-    Returns:
-        FLOP/s, or ``None`` when no row matches the name or the row has no entry for ``dtype``.
-    """
-    if dtype is None:
-        return None
-    for source in (table or {}, PEAK_FLOPS):
-        key = _best_row(device_name, source)
-        if key is None:
-            continue
-        row = source[key]
-        value = row.get(dtype)
-        if value is None and dtype == "tf32":
-            value = row.get("fp32")
-        if value is not None:
-            return float(value)
-    return None
-
-
-def tf32_enabled() -> bool:
-    """Whether float32 matmuls on CUDA may run in TF32 (``torch.backends.cuda.matmul.allow_tf32``,
-    ``torch.set_float32_matmul_precision("high"|"medium")`` or the newer ``fp32_precision = "tf32"``)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # newer torch versions deprecate one spelling or the other
-        try:
-            if getattr(torch.backends.cuda.matmul, "fp32_precision", None) == "tf32":
-                return True
-            return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
-        except Exception:
-            return False
-
-
-def precision_dtype(precision: str | int | None, tf32: bool = False) -> str | None:
-    """The matmul dtype a Lightning ``precision`` setting computes in (the column of the peak table to use).
-
-    ``"bf16-mixed"``/``"bf16-true"`` -> ``"bf16"``; ``"16-mixed"``/``"16-true"`` -> ``"fp16"``; ``"32-true"`` ->
-    ``"fp32"``, or ``"tf32"`` when ``tf32``; ``"64-true"`` -> ``"fp64"``; ``"transformer-engine*"`` -> ``"fp8"``;
-    anything else (e.g. bitsandbytes) -> ``None``.
-    """
-    text = str(precision).lower()
-    if "transformer-engine" in text or "fp8" in text:
-        return "fp8"
-    if text.startswith("bf16"):
-        return "bf16"
-    if text.startswith("16"):
-        return "fp16"
-    if text.startswith("32"):
-        return "tf32" if tf32 else "fp32"
-    if text.startswith("64"):
-        return "fp64"
-    return None
+__all__ = ["SpeedMonitor"]
 
 
 def _number(value: Any) -> float | None:
@@ -217,16 +88,17 @@ class SpeedMonitor(TelemetryCallback):
     once what is missing and the keys are not logged.
 
     **Validation and checkpoints.** ``time/val_sec`` is the host time from ``on_validation_start`` to
-    ``on_validation_end`` of each validation run during ``fit`` (not the sanity check). A checkpoint is noticed by
-    this callback's ``on_save_checkpoint`` (every full checkpoint) or by a ``ModelCheckpoint`` recording a new save
-    (weights-only checkpoints too). ``ModelCheckpoint`` runs after every other callback's hook, so a save starts where
-    this callback's ``on_train_batch_end``/``on_validation_end``/``on_train_epoch_end`` returns and nothing but the
-    next batch's fetch follows it before the next ``on_train_batch_start``. ``time/checkpoint_sec`` is therefore the
-    host time of the gap holding the save, minus (when the gap ends at a training batch) the median data wait of the
-    recent plain gaps as the estimate of the fetch that shares the gap. It covers gathering the state dicts, writing
-    the file with a synchronous ``CheckpointIO`` and the other callbacks' end-of-batch work in that gap; an
-    asynchronous ``CheckpointIO`` shows only the part that blocks training. A checkpoint saved *inside* a training
-    step (``trainer.save_checkpoint`` in ``training_step``) stays in that step's time.
+    ``on_validation_end`` of each validation run during ``fit`` (not the sanity check). A checkpoint is noticed by this
+    callback's ``on_save_checkpoint`` (every full checkpoint) or pushed by a ``ModelCheckpoint`` right after each file
+    it writes (weights-only checkpoints too; see ``_compat.on_checkpoint_saved``). ``ModelCheckpoint`` runs after every
+    other callback's hook, so a save starts where this callback's ``on_train_batch_end``/
+    ``on_validation_end``/``on_train_epoch_end`` returns and nothing but the next batch's fetch follows it before the
+    next ``on_train_batch_start``. ``time/checkpoint_sec`` is therefore the host time of the gap holding the save, minus
+    (when the gap ends at a training batch) the median data wait of the recent plain gaps as the estimate of the fetch
+    that shares the gap. It covers gathering the state dicts, writing the file with a synchronous ``CheckpointIO`` and
+    the other callbacks' end-of-batch work in that gap; an asynchronous ``CheckpointIO`` shows only the part that blocks
+    training. A checkpoint saved *inside* a training step (``trainer.save_checkpoint`` in ``training_step``) stays in
+    that step's time.
 
     **ETA.** ``time/eta_min`` = (``trainer.estimated_stepping_batches`` - ``trainer.global_step``) x (the window's
     mean time per optimizer step + the validation and checkpoint time so far per step). Not logged when the number of
@@ -359,7 +231,7 @@ class SpeedMonitor(TelemetryCallback):
         self._peak: float | None = None
         self._flops_source: str | None = None
         self._total_steps: float | None = None
-        self._checkpoint_callbacks: list[Any] = []
+        self._stop_listening: list[Callable[[], None]] = []
         self._reset_fit_state()
 
     @staticmethod
@@ -390,8 +262,6 @@ class SpeedMonitor(TelemetryCallback):
         self._open_event: Any = None  # the CUDA event that opened a step, or a gap that a step end opened
         self._gap_plain = False  # the open gap was opened by a step end and may be timed with CUDA events
         self._gap_checkpoint = False
-        self._ckpt_signature: list[Any] = []
-        self._global_step_at_start = 0
         self._pending_checkpoint_sec = 0.0
         self._recent_gaps: deque[float] = deque(maxlen=16)  # host seconds of recent plain gaps: the fetch estimate
         self._logged_peak = False
@@ -425,27 +295,17 @@ class SpeedMonitor(TelemetryCallback):
             event.record()  # asynchronous: it only enqueues a marker on the stream
         return time.perf_counter(), event
 
-    def _checkpoint_signature(self) -> list[Any]:
-        # ModelCheckpoint records every save it makes (weights-only ones too, which skip on_save_checkpoint): the
-        # step and the path of its last save. Read on every gap, so kept to plain attribute reads.
-        signature = []
-        for cb in self._checkpoint_callbacks:
-            signature.append(getattr(cb, "_last_global_step_saved", None))
-            signature.append(getattr(cb, "_last_checkpoint_saved", None))
-        return signature
-
     def _open_gap(self, t: float, event: Any = None, plain: bool = False) -> None:
         """Start a gap at ``t``. ``plain``: opened by a training batch's end, so it may hold only the next fetch."""
         self._open, self._open_t, self._open_event = "gap", t, event
         self._gap_plain = plain
         self._gap_checkpoint = False
-        if self._checkpoint_callbacks:
-            self._ckpt_signature = self._checkpoint_signature()
 
-    def _gap_saved_checkpoint(self) -> bool:
-        return self._gap_checkpoint or (
-            bool(self._checkpoint_callbacks) and self._checkpoint_signature() != self._ckpt_signature
-        )
+    def _saved(self, trainer: Trainer, checkpoint_callback: Any, filepath: str) -> None:
+        # Pushed by every ModelCheckpoint right after each file it writes (weights-only ones too, which skip
+        # on_save_checkpoint): ModelCheckpoint's hooks run after ours, so the save sits in the gap we just opened.
+        if self._open == "gap":
+            self._gap_checkpoint = True
 
     def _close_gap(self, t: float, closer: str, event: Any = None, saved: bool | None = None) -> None:
         """Account the open interval, which ended at ``t`` with ``closer`` ("step", "val", "end"). ``saved``: whether
@@ -457,7 +317,7 @@ class SpeedMonitor(TelemetryCallback):
         if self._open != "gap":
             return
         host = t - self._open_t
-        if saved if saved is not None else self._gap_saved_checkpoint():
+        if saved if saved is not None else self._gap_checkpoint:
             # Only a gap that ends at a training batch holds a fetch besides the save: estimate it from recent gaps.
             fetch = statistics.median(self._recent_gaps) if closer == "step" and self._recent_gaps else 0.0
             saving = max(host - fetch, 0.0)
@@ -476,19 +336,15 @@ class SpeedMonitor(TelemetryCallback):
 
     def _count(self, pl_module: LightningModule, batch: Any) -> None:
         """Add the batch's samples, tokens and (per-batch) FLOPs. Shapes only: nothing here touches device values."""
-        tensor = None
+        counted = (0, 0)
         if self.batch_size_fn is None or self.tokens_fn is None:
-            tensor = first_tensor(batch)
-            if tensor is None:
+            found = count_batch(batch)
+            if found is not None:
+                counted = found
+            else:
                 self.warn_once("no-tensor", "found no tensor in the batch; pass batch_size_fn/tokens_fn to count it.")
-        samples = (
-            int(self.batch_size_fn(batch))
-            if self.batch_size_fn is not None
-            else (int(tensor.shape[0]) if tensor is not None and tensor.dim() > 0 else 0)
-        )
-        tokens = (
-            int(self.tokens_fn(batch)) if self.tokens_fn is not None else (tensor.numel() if tensor is not None else 0)
-        )
+        samples = int(self.batch_size_fn(batch)) if self.batch_size_fn is not None else counted[0]
+        tokens = int(self.tokens_fn(batch)) if self.tokens_fn is not None else counted[1]
         self._win_batches += 1
         self._win_samples += samples
         self._win_tokens += tokens
@@ -528,6 +384,16 @@ class SpeedMonitor(TelemetryCallback):
         return None
 
     # ------------------------------------------------------------------------------------------------ set-up
+    def _listen(self, trainer: Trainer) -> None:
+        self._unlisten()
+        if self._timing:
+            self._stop_listening = [_compat.on_checkpoint_saved(cb, self._saved) for cb in trainer.checkpoint_callbacks]
+
+    def _unlisten(self) -> None:
+        for stop in self._stop_listening:
+            stop()
+        self._stop_listening = []
+
     def _resolve_flops(self, pl_module: LightningModule) -> None:
         self._flops_source = None
         for name in ("flops_per_batch", "flops_per_token"):
@@ -556,7 +422,7 @@ class SpeedMonitor(TelemetryCallback):
         # that the totals are right whichever rank's state a checkpoint keeps.
         self._timing = trainer.global_rank == 0 and bool(trainer.loggers)
         self._cuda = self._timing and self._uses_device_events(trainer)
-        self._checkpoint_callbacks = list(trainer.checkpoint_callbacks)
+        self._listen(trainer)
         try:
             total = float(trainer.estimated_stepping_batches)
         except Exception:
@@ -588,9 +454,8 @@ class SpeedMonitor(TelemetryCallback):
     # ------------------------------------------------------------------------------------------------ hooks
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._global_step_at_start = trainer.global_step
         if self._timing:
-            saved = self._open == "gap" and self._gap_saved_checkpoint()
+            saved = self._open == "gap" and self._gap_checkpoint
             if saved or self._pending_checkpoint_sec > 0:
                 # A gap that held a save is timed on the host; report the save before this step starts.
                 self._close_gap(time.perf_counter(), "step", saved=saved)
@@ -605,9 +470,8 @@ class SpeedMonitor(TelemetryCallback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # Under gradient accumulation only the last micro-batch steps the optimizer; manual optimization steps (or
-        # not) every batch, which is what Lightning's own logging assumes too.
-        stepped = not pl_module.automatic_optimization or trainer.global_step != self._global_step_at_start
+        # Under gradient accumulation only the last micro-batch steps the optimizer (the suite's step clock).
+        stepped = self._clock.steps_optimizer(trainer)
         self._win_steps += int(stepped)
         self.steps_total += int(stepped)
         if not self._timing or self._open != "step":
@@ -693,6 +557,7 @@ class SpeedMonitor(TelemetryCallback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._unlisten()
         if not self._timing:
             return
         self._close_gap(time.perf_counter(), "end")

@@ -18,7 +18,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
-from lightning_cs336.callbacks._base import TelemetryCallback, log_rows
+from lightning_cs336.callbacks._base import TelemetryCallback, check_positive_int
+from lightning_cs336.callbacks._sinks import log_table
 
 __all__ = ["TextSampleLogger"]
 
@@ -29,7 +30,7 @@ _TOKEN_KEYS = ("input_ids", "tokens", "x", "idx", "inputs", "input")
 class TextSampleLogger(TelemetryCallback):
     r"""Sample continuations of fixed prompts during training and log them as a growing table.
 
-    Every ``every_n_steps`` optimizer steps, and once more when training ends, the module generates
+    Every ``log_every_n_steps`` optimizer steps, and once more when training ends, the module generates
     ``max_new_tokens`` tokens for each prompt with a ``torch.Generator`` seeded with ``seed`` on the module's device,
     re-seeded identically at every call: with identical weights the samples are identical, so the differences
     between two calls come from training alone. The prompts are ``prompts`` when given; otherwise the first
@@ -68,7 +69,7 @@ class TextSampleLogger(TelemetryCallback):
     ========================== ========= =====================================================================
     key                        unit      when
     ========================== ========= =====================================================================
-    ``samples/generations``    table     every ``every_n_steps`` steps and at the end of training (columns:
+    ``samples/generations``    table     every ``log_every_n_steps`` steps and at the end of training (columns:
                                          step, prompt, generation, temperature, top_p, max_tokens,
                                          tokens_per_sec)
     ``samples/generation_sec`` s         with each table: wall time of the ``generate`` call
@@ -79,7 +80,8 @@ class TextSampleLogger(TelemetryCallback):
     which is also the logging step at which Lightning records ``train/loss`` measured with those same weights.
 
     Args:
-        every_n_steps: Sample every this many optimizer steps. ``None`` samples only at the end of training.
+        log_every_n_steps: Sample every this many optimizer steps; ``0`` samples only at the end of training,
+            ``None`` follows ``Trainer(log_every_n_steps=...)`` (usually far too often for sampling).
         prompts: Prompt strings to continue. ``None`` takes prompts from the validation data.
         num_val_prompts: How many validation windows to use as prompts when ``prompts`` is ``None``.
         prompt_tokens: How many leading tokens of each validation window form its prompt.
@@ -89,6 +91,7 @@ class TextSampleLogger(TelemetryCallback):
         seed: Seed of the generator, re-seeded identically at every call.
         sample_at_end: Also sample when training ends (unless the last periodic call was at that same step).
         prefix: Prepended to every logged key.
+        **deprecated: ``every_n_steps`` (the old name of ``log_every_n_steps``; its ``None`` meant ``0``).
 
     Raises:
         ValueError: If an argument is out of range or of the wrong type.
@@ -98,7 +101,7 @@ class TextSampleLogger(TelemetryCallback):
         from lightning.pytorch import Trainer
         from lightning_cs336.callbacks.text_samples import TextSampleLogger
 
-        samples = TextSampleLogger(every_n_steps=500, prompts=["Once upon a time"], max_new_tokens=64)
+        samples = TextSampleLogger(log_every_n_steps=500, prompts=["Once upon a time"], max_new_tokens=64)
         trainer = Trainer(callbacks=[samples])
 
     In a LightningCLI config::
@@ -107,7 +110,7 @@ class TextSampleLogger(TelemetryCallback):
           callbacks:
             - class_path: lightning_cs336.callbacks.text_samples.TextSampleLogger
               init_args:
-                every_n_steps: 500
+                log_every_n_steps: 500
                 prompts: ["Once upon a time", "The capital of France is"]
                 max_new_tokens: 64
                 temperature: 0.8
@@ -117,9 +120,11 @@ class TextSampleLogger(TelemetryCallback):
     METRIC_KEYS: tuple[str, ...] = ("samples/generations", "samples/generation_sec", "samples/tokens_per_sec")
     COLUMNS: tuple[str, ...] = ("step", "prompt", "generation", "temperature", "top_p", "max_tokens", "tokens_per_sec")
 
+    _ALLOWS_ZERO_INTERVAL = True
+
     def __init__(
         self,
-        every_n_steps: int | None = 500,
+        log_every_n_steps: int | None = 500,
         prompts: list[str] | None = None,
         num_val_prompts: int = 4,
         prompt_tokens: int = 32,
@@ -129,10 +134,13 @@ class TextSampleLogger(TelemetryCallback):
         seed: int = 1234,
         sample_at_end: bool = True,
         prefix: str = "",
+        **deprecated: Any,
     ) -> None:
-        super().__init__(log_every_n_steps=None, prefix=prefix)
-        if every_n_steps is not None and not _is_positive_int(every_n_steps):
-            raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
+        if "every_n_steps" in deprecated:
+            log_every_n_steps = self._deprecated_interval(deprecated.pop("every_n_steps"), none_means=0)
+        if deprecated:
+            raise TypeError(f"TextSampleLogger got unexpected keyword arguments {sorted(deprecated)}")
+        super().__init__(log_every_n_steps=log_every_n_steps, prefix=prefix)
         if prompts is not None:
             if isinstance(prompts, str) or not isinstance(prompts, Sequence):
                 raise ValueError(f"prompts must be a list of strings or None, got {prompts!r}")
@@ -143,8 +151,7 @@ class TextSampleLogger(TelemetryCallback):
             ("prompt_tokens", prompt_tokens),
             ("max_new_tokens", max_new_tokens),
         ):
-            if not _is_positive_int(value):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, value)
         if not _is_number(temperature) or not temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         if not _is_number(top_p) or not 0 < top_p <= 1:
@@ -153,7 +160,6 @@ class TextSampleLogger(TelemetryCallback):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         if not isinstance(sample_at_end, bool):
             raise ValueError(f"sample_at_end must be a bool, got {sample_at_end!r}")
-        self.every_n_steps = every_n_steps
         self.prompts = list(prompts) if prompts is not None else None
         self.num_val_prompts = num_val_prompts
         self.prompt_tokens = prompt_tokens
@@ -168,7 +174,6 @@ class TextSampleLogger(TelemetryCallback):
         # Validation-window prompts, fixed at the first call and checkpointed so a resume samples the same windows.
         self._val_prompt_ids: list[list[int]] | None = None
         self._enabled = True
-        self._global_step_before: int | None = None
 
     @property
     def rows(self) -> list[list[Any]]:
@@ -190,21 +195,12 @@ class TextSampleLogger(TelemetryCallback):
             )
 
     @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        # Remember the step count so that on_train_batch_end can tell whether this batch stepped the optimizer
-        # (it does not while accumulating gradients), in automatic and manual optimization alike.
-        self._global_step_before = trainer.global_step
-
-    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.every_n_steps is None or trainer.global_step == self._global_step_before:
-            return
-        # Lightning counts this batch's optimizer step (``_batches_that_stepped``) only after this hook.
-        step = self.step(trainer) + 1
-        if step % self.every_n_steps == 0:
-            self._sample(trainer, pl_module, step)
+        if self.is_logging_step(trainer):
+            # The weights have now taken this batch's optimizer step, which Lightning counts only after this hook.
+            self._sample(trainer, pl_module, self.step(trainer) + 1)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -288,7 +284,7 @@ class TextSampleLogger(TelemetryCallback):
         self._last_step = step
         key = self.prefix + "samples/generations"
         # W&B gets every row so far (its tables cannot be appended to); the other loggers get only the new rows.
-        log_rows(trainer, key, self.COLUMNS, new_rows, step=step, wandb_rows=self._rows)
+        log_table(trainer, key, self.COLUMNS, new_rows, step=step, all_rows=self._rows)
         self.log_metrics(
             trainer, {"samples/generation_sec": elapsed, "samples/tokens_per_sec": tokens_per_sec}, step=step
         )
@@ -349,10 +345,6 @@ class TextSampleLogger(TelemetryCallback):
             if rows:
                 return rows
         return None
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _is_number(value: Any) -> bool:

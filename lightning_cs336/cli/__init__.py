@@ -12,23 +12,10 @@ Usage::
 
 from __future__ import annotations
 
-import netrc
 import os
 import sys
 
 _EXTRA_COMMANDS = ("prepare", "generate", "export-cs336", "import-cs336")
-
-
-def _has_wandb_credentials() -> bool:
-    """True when W&B could log online: an API key in the environment or a ``wandb login`` entry in ~/.netrc."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
-        hosts = netrc.netrc(path).hosts
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-    return any("wandb" in host for host in hosts)
 
 
 def default_wandb_mode() -> str:
@@ -37,7 +24,9 @@ def default_wandb_mode() -> str:
     It goes into the environment (not only ``WandbLogger(offline=True)``): wandb reads its settings from there, and
     with only the code argument its telemetry still tries to reach the network.
     """
-    if "WANDB_MODE" not in os.environ and not _has_wandb_credentials():
+    from lightning_cs336.callbacks.wandb_access import has_wandb_credentials
+
+    if "WANDB_MODE" not in os.environ and not has_wandb_credentials():
         os.environ["WANDB_MODE"] = "offline"
         os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         print("cs336: no W&B credentials found, logging W&B offline (sync later with `wandb sync`).", file=sys.stderr)
@@ -55,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     command = argv[0] if argv else ""
     global _ArtifactError
     try:
-        from lightning_cs336.callbacks.checkpoint_artifacts import ArtifactUnavailableError as _ArtifactError
+        from lightning_cs336.callbacks.wandb_access import ArtifactUnavailableError as _ArtifactError
 
         if command == "prepare":
             from lightning_cs336.cli.prepare import prepare_main

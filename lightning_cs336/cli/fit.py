@@ -42,7 +42,7 @@ def _cli_class() -> type:
         def _resolve_ckpt_path(self) -> None:
             # `--ckpt_path` may be a W&B artifact reference (`entity/project/model-<run>:best`): download it first.
             # A path that does not exist fails here, before any run directory or config file is written.
-            from lightning_cs336.callbacks import resolve_checkpoint
+            from lightning_cs336.callbacks.wandb_access import resolve_checkpoint
 
             kwargs = self.config_init[self.subcommand]
             if kwargs.get("ckpt_path"):
@@ -78,6 +78,7 @@ def fit_report(
 ) -> str:
     """Where the run's records are, a sample from the trained model, and how to view the run."""
     import torch
+    from lightning.pytorch.loggers import WandbLogger
 
     lines = ["", "=" * 80, "cs336: training finished"]
     final = trainer.callback_metrics.get("val/loss")
@@ -93,7 +94,7 @@ def fit_report(
         if ckpt.last_model_path:
             lines.append(f"    last:       {ckpt.last_model_path}")
     for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger":
+        if isinstance(logger, WandbLogger):
             run_dir = Path(logger.experiment.dir).parent.resolve()
             lines.append(f"  W&B run:      {run_dir}")
             if os.environ.get("WANDB_MODE") == "offline":

@@ -26,7 +26,7 @@ def generate_main(argv: list[str]) -> int:
 
     import torch
 
-    from lightning_cs336.callbacks import resolve_checkpoint
+    from lightning_cs336.callbacks.wandb_access import resolve_checkpoint
     from lightning_cs336.module import LanguageModel
 
     # A local path, or a W&B artifact reference such as `entity/project/model-<run>:best` (needs network and a key).
