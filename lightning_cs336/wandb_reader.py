@@ -1,5 +1,8 @@
 """Read W&B runs back from their local files, offline, without the W&B server or a subprocess.
 
+Size note (~680 lines): one file format (the block/chunk scanner, record replay into history, summary, config,
+tables and artifacts) and its run-directory discovery; they change together when wandb changes the format.
+
 With ``WANDB_MODE=offline`` (wandb 0.31) a run is written to ``<WANDB_DIR>/wandb/offline-run-<YYYYMMDD_HHMMSS>-<id>/``
 holding ``run-<id>.wandb``, ``files/`` and ``logs/``. There is no ``wandb-summary.json``, ``config.yaml`` or
 ``wandb-metadata.json`` offline: the binary transaction log ``run-<id>.wandb`` is the only complete record, so this

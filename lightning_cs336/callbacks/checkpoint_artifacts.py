@@ -3,7 +3,11 @@ Checkpoint Artifacts
 ====================
 
 Turns every checkpoint written by ``ModelCheckpoint`` into a W&B model artifact with save-time metadata, waits for
-the file to be complete (asynchronous checkpoint IO included), and resolves artifact references back to files.
+the file to be complete (asynchronous checkpoint IO included). Artifact references, credentials and version pruning
+live in ``wandb_access.py`` (shared with the ``cs336`` command).
+
+Size note (~700 lines): one callback whose stages (pushed save detection, waiting for asynchronous writes, upload,
+manifest for other loggers, resume bookkeeping) share one queue of pending saves; ~130 lines are its docstring.
 
 """
 
@@ -14,7 +18,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +34,12 @@ from lightning_cs336.callbacks import _compat
 from lightning_cs336.callbacks._base import TelemetryCallback, check_positive_int, git_state
 from lightning_cs336.callbacks._sinks import find_logger, json_safe, logger_dir, to_host
 from lightning_cs336.callbacks.wandb_access import (  # noqa: F401  (re-exported: they used to live here)
+    PROTECTED_ALIASES,
     ArtifactUnavailableError,
     load_from_artifact,
+    prune_artifact_versions,
     resolve_checkpoint,
+    select_versions_to_delete,
 )
 
 __all__ = [
@@ -48,8 +55,6 @@ __all__ = [
 #: File name of the manifest written next to non-W&B logs (one JSON line per checkpoint).
 MANIFEST_NAME = "checkpoints.jsonl"
 
-#: Aliases that ``keep_last_k`` never deletes.
-PROTECTED_ALIASES: tuple[str, ...] = ("best", "latest")
 
 _ARTIFACT_NAME = re.compile(r"^[\w.-]+$")
 _ZIP_LOCAL_MAGIC = b"PK\x03\x04"
@@ -60,31 +65,6 @@ _ZIP_TAIL = 22 + 65535
 
 # --------------------------------------------------------------------------------------------------------------
 # Pure helpers
-
-
-def select_versions_to_delete(
-    versions: Sequence[tuple[str, Sequence[str]]],
-    keep_last_k: int,
-    protected: Sequence[str] = PROTECTED_ALIASES,
-) -> list[str]:
-    """Choose which artifact versions ``keep_last_k`` deletes. A pure function, so it is testable offline.
-
-    Args:
-        versions: ``(version, aliases)`` pairs, oldest first (e.g. ``("v0", ["step-100"])``).
-        keep_last_k: How many of the newest versions to keep whatever their aliases.
-        protected: Versions carrying any of these aliases are never deleted (``best`` and ``latest`` by default).
-
-    Returns:
-        The versions to delete, oldest first: every version older than the newest ``keep_last_k`` that carries no
-        protected alias.
-
-    Raises:
-        ValueError: If ``keep_last_k`` is not a positive integer.
-    """
-    check_positive_int("keep_last_k", keep_last_k)
-    keep_protected = set(protected)
-    older = versions[: max(len(versions) - keep_last_k, 0)]
-    return [name for name, aliases in older if not keep_protected.intersection(aliases)]
 
 
 def _zip_complete(path: str) -> bool:
@@ -109,41 +89,6 @@ def _file_size(path: str) -> int | None:
         return os.path.getsize(path)
     except OSError:
         return None
-
-
-def prune_artifact_versions(
-    collection: str,
-    keep_last_k: int,
-    artifact_type: str = "model",
-    protected: Sequence[str] = PROTECTED_ALIASES,
-    timeout_s: int = 60,
-) -> list[str]:
-    """Delete the old versions of an artifact collection on the W&B server (online only).
-
-    Use it after ``wandb sync`` of an offline run, where :class:`CheckpointArtifactLogger` cannot prune.
-
-    Args:
-        collection: ``entity/project/name``, e.g. ``"my-team/cs336/model-1a2b3c4d"``.
-        keep_last_k: Versions to keep besides the protected ones (see :func:`select_versions_to_delete`).
-        artifact_type: The artifact type.
-        protected: Aliases whose versions are never deleted.
-        timeout_s: HTTP timeout of the W&B API calls.
-
-    Returns:
-        The deleted versions (``"v3"``, ...).
-    """
-    import wandb
-
-    api = wandb.Api(timeout=timeout_s)
-    found = list(api.artifacts(artifact_type, collection))
-    found.sort(key=lambda a: int(str(a.version).lstrip("v") or 0))
-    doomed = set(select_versions_to_delete([(a.version, list(a.aliases)) for a in found], keep_last_k, protected))
-    deleted = []
-    for artifact in found:
-        if artifact.version in doomed:
-            artifact.delete(delete_aliases=False)
-            deleted.append(artifact.version)
-    return deleted
 
 
 # --------------------------------------------------------------------------------------------------------------

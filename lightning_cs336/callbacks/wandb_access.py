@@ -1,4 +1,4 @@
-"""W&B access shared by the callbacks and the ``cs336`` command: credentials, and checkpoint artifact references.
+"""W&B access shared by the callbacks and the ``cs336`` command: credentials, artifact references, version pruning.
 
 Nothing here touches the network until a download is asked for, and that fails fast (one clear line) when W&B is
 offline, disabled or has no credentials: ``wandb.Api()`` with a key but no network blocks for its whole timeout.
@@ -9,11 +9,25 @@ from __future__ import annotations
 import netrc
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-__all__ = ["ArtifactUnavailableError", "has_wandb_credentials", "load_from_artifact", "resolve_checkpoint"]
+from lightning_cs336.callbacks._base import check_positive_int
+
+__all__ = [
+    "PROTECTED_ALIASES",
+    "ArtifactUnavailableError",
+    "has_wandb_credentials",
+    "load_from_artifact",
+    "prune_artifact_versions",
+    "resolve_checkpoint",
+    "select_versions_to_delete",
+]
+
+#: Aliases that ``keep_last_k`` never deletes.
+PROTECTED_ALIASES: tuple[str, ...] = ("best", "latest")
 
 # Lightning's own ``ckpt_path`` keywords, passed through untouched by :func:`resolve_checkpoint`.
 _LIGHTNING_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
@@ -48,9 +62,7 @@ def _unavailable(ref: str, reason: str) -> ArtifactUnavailableError:
     )
 
 
-def load_from_artifact(
-    ref: str, map_location: Any = "cpu", root: str | None = None, timeout_s: int = 60
-) -> Path:
+def load_from_artifact(ref: str, map_location: Any = "cpu", root: str | None = None, timeout_s: int = 60) -> Path:
     """Download a checkpoint artifact (e.g. ``entity/project/model-<run id>:best``) and return the checkpoint path.
 
     Fails fast, before any network call, when W&B is offline or disabled (``WANDB_MODE``) or no API key is configured
@@ -125,3 +137,67 @@ def resolve_checkpoint(ref_or_path: str | os.PathLike[str]) -> Path | str:
         f"checkpoint {text!r} is neither an existing file nor a W&B artifact reference "
         "(use 'entity/project/name:alias' or 'wandb:<ref>')"
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Artifact versions
+
+
+def select_versions_to_delete(
+    versions: Sequence[tuple[str, Sequence[str]]],
+    keep_last_k: int,
+    protected: Sequence[str] = PROTECTED_ALIASES,
+) -> list[str]:
+    """Choose which artifact versions ``keep_last_k`` deletes. A pure function, so it is testable offline.
+
+    Args:
+        versions: ``(version, aliases)`` pairs, oldest first (e.g. ``("v0", ["step-100"])``).
+        keep_last_k: How many of the newest versions to keep whatever their aliases.
+        protected: Versions carrying any of these aliases are never deleted (``best`` and ``latest`` by default).
+
+    Returns:
+        The versions to delete, oldest first: every version older than the newest ``keep_last_k`` that carries no
+        protected alias.
+
+    Raises:
+        ValueError: If ``keep_last_k`` is not a positive integer.
+    """
+    check_positive_int("keep_last_k", keep_last_k)
+    keep_protected = set(protected)
+    older = versions[: max(len(versions) - keep_last_k, 0)]
+    return [name for name, aliases in older if not keep_protected.intersection(aliases)]
+
+
+def prune_artifact_versions(
+    collection: str,
+    keep_last_k: int,
+    artifact_type: str = "model",
+    protected: Sequence[str] = PROTECTED_ALIASES,
+    timeout_s: int = 60,
+) -> list[str]:
+    """Delete the old versions of an artifact collection on the W&B server (online only).
+
+    Use it after ``wandb sync`` of an offline run, where :class:`CheckpointArtifactLogger` cannot prune.
+
+    Args:
+        collection: ``entity/project/name``, e.g. ``"my-team/cs336/model-1a2b3c4d"``.
+        keep_last_k: Versions to keep besides the protected ones (see :func:`select_versions_to_delete`).
+        artifact_type: The artifact type.
+        protected: Aliases whose versions are never deleted.
+        timeout_s: HTTP timeout of the W&B API calls.
+
+    Returns:
+        The deleted versions (``"v3"``, ...).
+    """
+    import wandb
+
+    api = wandb.Api(timeout=timeout_s)
+    found = list(api.artifacts(artifact_type, collection))
+    found.sort(key=lambda a: int(str(a.version).lstrip("v") or 0))
+    doomed = set(select_versions_to_delete([(a.version, list(a.aliases)) for a in found], keep_last_k, protected))
+    deleted = []
+    for artifact in found:
+        if artifact.version in doomed:
+            artifact.delete(delete_aliases=False)
+            deleted.append(artifact.version)
+    return deleted
