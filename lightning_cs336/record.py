@@ -13,7 +13,9 @@ Format (a directory; every file is UTF-8 text a person can read):
     The run's identity and state, rewritten atomically (temporary file + rename) when they change: ``name``,
     ``id``, ``project``, ``group``, ``tags``, ``notes``, ``wandb_run_id``, ``git_commit``, ``host``, ``pid``,
     ``state`` (``running``, ``finished``, ``failed``, ``killed``, ``preempted``), ``created_at``/``ended_at``
-    (Unix seconds), ``config`` (the resolved configuration), ``summary`` (final values), ``format_version``.
+    (Unix seconds), ``config`` (the resolved configuration, set by ``cs336 fit``), ``hparams`` (what Lightning passed
+    to ``log_hyperparams``: the module's and datamodule's hyperparameters), ``summary`` (final values),
+    ``format_version``.
 ``metrics.jsonl``
     One JSON object per ``log_metrics`` call: ``{"step": int, "time": unix seconds, "<key>": value, ...}``.
     ``pandas.read_json(path, lines=True)`` loads it as a table (one column per key).
@@ -100,7 +102,8 @@ class RunRecord(Logger):
     checkpoint saves through Lightning's ``after_save_checkpoint``. Rank zero writes; other ranks do nothing.
 
     Args:
-        save_dir: The parent directory; the record is ``save_dir/name``.
+        save_dir: The parent directory; the record is ``save_dir/name`` (which the ``save_dir``/``log_dir``
+            properties return).
         name: The run's name (the directory name). ``None``: ``run-<time>-<random>``.
         project: Project name, for grouping runs (e.g. the W&B project).
         group: Group name (an ablation, a sweep).
@@ -145,6 +148,7 @@ class RunRecord(Logger):
             "created_at": time.time(),
             "ended_at": None,
             "config": {},
+            "hparams": {},
             "summary": {},
         }
         self._files: dict[str, Any] = {}
@@ -165,7 +169,9 @@ class RunRecord(Logger):
     @property
     @override
     def save_dir(self) -> str:
-        return str(self._save_dir)
+        """The record's directory, like :attr:`log_dir`: Lightning writes a first logger's files (LightningCLI's
+        ``config.yaml``) into ``save_dir``, and they belong with the run, not in the parent of every run."""
+        return self.log_dir
 
     @property
     @override
@@ -188,7 +194,7 @@ class RunRecord(Logger):
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         params = _json_value(params if isinstance(params, Mapping) else vars(params))
         self._start()
-        self._meta["config"] = {**self._meta["config"], **params}
+        self._meta["hparams"] = {**self._meta["hparams"], **params}
         self._event("hparams", params=params)
         self._write_meta()
 
@@ -283,7 +289,7 @@ class RunRecord(Logger):
         directory.mkdir(parents=True, exist_ok=True)
         if existing.exists():  # resume: keep the identity, created_at and config; the run is running again
             old = json.loads(existing.read_text(encoding="utf-8"))
-            keep = ("id", "created_at", "config", "summary", "wandb_run_id")
+            keep = ("id", "created_at", "config", "hparams", "summary", "wandb_run_id")
             self._meta.update({k: old[k] for k in keep if k in old})
             self._meta.update(state="running", ended_at=None, pid=os.getpid(), host=socket.gethostname())
         self._started = True

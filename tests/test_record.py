@@ -50,7 +50,7 @@ def test_record_holds_metrics_tables_checkpoints_summary_and_state(tmp_path: Pat
     checkpoints = run.events_of("checkpoint")
     assert [e["step"] for e in checkpoints] == [3, 6] and all(Path(e["path"]).is_file() for e in checkpoints)
     assert run.meta["summary"]["summary/global_step"] == 6
-    assert run.meta["config"]["lr"] == 1e-2  # the module's hyperparameters
+    assert run.meta["hparams"]["lr"] == 1e-2  # the module's hyperparameters
     # pandas can load the metrics as they are
     import pandas as pd
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-_EXTRA_COMMANDS = ("prepare", "generate", "export-cs336", "import-cs336")
+_EXTRA_COMMANDS = ("prepare", "generate", "export-cs336", "import-cs336", "runs")
 
 
 def default_wandb_mode() -> str:
@@ -39,7 +39,6 @@ class _ArtifactError(Exception):
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``cs336`` console script (and ``python -m lightning_cs336``)."""
-    from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
     global _ArtifactError
@@ -62,6 +61,10 @@ def main(argv: list[str] | None = None) -> None:
             from lightning_cs336.cli.convert import import_main
 
             sys.exit(import_main(argv[1:]))
+        if command == "runs":
+            from lightning_cs336.cli.runs import runs_main
+
+            sys.exit(runs_main(argv[1:]))
         default_wandb_mode()
         from lightning_cs336.cli.fit import _cli_class
         from lightning_cs336.data import TokenDataModule
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         _cli_class()(
             LanguageModel,
             TokenDataModule,
-            args=None if from_sys else argv,
+            args=argv,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"epilog": f"Other commands: {', '.join(_EXTRA_COMMANDS)} (each with --help)."},
         )

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from lightning_cs336 import experiment
 
 
-def _cli_class() -> type:
+def _cli_class(no_wandb: bool = False) -> type:
+    """The ``cs336`` LightningCLI class. ``no_wandb``: ``--no-wandb`` was given (local loggers only)."""
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     class QuietParser(LightningArgumentParser):
@@ -38,6 +42,42 @@ def _cli_class() -> type:
                 default=False,
                 help="fit only: run validation once before training, so the curves start at the untrained loss",
             )
+            parser.add_argument(
+                "--logging",
+                type=Optional[experiment.LoggingConfig],  # noqa: UP045 (jsonargparse resolves this form everywhere)
+                default=None,
+                help="fit only: the seed's logging block (project_name, experiment_name, tags, ...; see the README). "
+                "`logging: null` or `cs336 fit --no-wandb` logs locally only.",
+            )
+
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            # `--print_config` must show what the logging block expands into, so it is handled after the expansion
+            # (jsonargparse would print and exit during parsing, before it).
+            args = list(sys.argv[1:] if args is None else args)
+            printing = [a for a in args if a == "--print_config" or a.startswith("--print_config=")]
+            self.config = parser.parse_args([a for a in args if a not in printing])
+            subcommand = self.config.get("subcommand")
+            if subcommand == "fit":
+                self._expand_logging(subcommand, claim=not printing)
+            if printing:
+                print(self._subcommand_parsers[subcommand].dump(self.config[subcommand], skip_none=False), end="")
+                sys.exit(0)
+
+        def _expand_logging(self, subcommand: str, claim: bool) -> None:
+            subparser = self._subcommand_parsers[subcommand]
+            values = self.config[subcommand].clone().as_dict()
+            config_files = values.pop("config", None)
+            block = values.get("logging")
+            null_block = block is None and _block_is_null(config_files)
+            expanded, self.run_info_ = experiment.expand_fit_config(
+                values, block, no_wandb or null_block, resume=bool(values.get("ckpt_path")), claim=claim
+            )
+            if claim:
+                _wandb_fallback(self.run_info_)
+            namespace = subparser.parse_object(expanded)
+            if config_files is not None:
+                namespace["config"] = self.config[subcommand].get("config")
+            self.config[subcommand] = namespace
 
         def _resolve_ckpt_path(self) -> None:
             # `--ckpt_path` may be a W&B artifact reference (`entity/project/model-<run>:best`): download it first.
@@ -56,6 +96,7 @@ def _cli_class() -> type:
 
         def before_fit(self) -> None:
             self._resolve_ckpt_path()
+            self._record_identity()
             # Skipped on resume: the untrained loss belongs to the run's start, not to the resumed weights.
             if self.config[self.subcommand].get("validate_first") and not self.config_init[self.subcommand].get(
                 "ckpt_path"
@@ -66,7 +107,68 @@ def _cli_class() -> type:
             if self.trainer.is_global_zero:
                 print(fit_report(self.trainer, self.model, initial=getattr(self, "initial_metrics", None)))
 
+        def _record_identity(self) -> None:
+            """The run record's identity: resolved config, git commit, the W&B run id; ``log_code``."""
+            from lightning.pytorch.loggers import WandbLogger
+
+            from lightning_cs336.callbacks._base import git_state
+            from lightning_cs336.record import RunRecord
+
+            if not self.trainer.is_global_zero:
+                return
+            records = [lg for lg in self.trainer.loggers if isinstance(lg, RunRecord)]
+            wandb_loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
+            info = getattr(self, "run_info_", {})
+            for record in records:
+                config = self.config[self.subcommand].clone().as_dict()
+                config.pop("config", None)
+                fields: dict[str, Any] = {"config": config, "git_commit": git_state()[0]}
+                if wandb_loggers:
+                    fields["wandb_run_id"] = wandb_loggers[0].experiment.id
+                record.update_identity(**fields)
+                if info.get("log_code"):
+                    record.set_state("running")  # creates the directory and run.json before the code lands there
+                    experiment.save_code(Path(record.log_dir))
+            if info.get("log_code") and wandb_loggers:
+                wandb_loggers[0].experiment.log_code(str(Path(experiment.__file__).resolve().parent))
+
     return CS336CLI
+
+
+def _block_is_null(config_files: Any) -> bool:
+    """Whether a config file says ``logging: null`` (parsed, that is the same None as no block at all)."""
+    import yaml
+
+    for path in config_files or []:
+        try:
+            data = yaml.safe_load(Path(str(path)).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(data, dict) and "logging" in data and data["logging"] is None:
+            return True
+    return False
+
+
+def _wandb_fallback(info: dict[str, Any]) -> None:
+    """When an online W&B run cannot start (no key, no network), log offline, said in one line, within seconds."""
+    from lightning_cs336.callbacks.wandb_access import has_wandb_credentials
+
+    if info.get("wandb") is not None:
+        experiment.note(f"W&B is off ({info['wandb']}); the run is recorded locally in {info['run_dir']}")
+        return
+    if os.environ.get("WANDB_MODE", "online").strip().lower() != "online":
+        return
+    if not has_wandb_credentials():
+        reason = "no W&B API key (WANDB_API_KEY unset, no ~/.netrc entry)"
+    else:
+        ok, where = experiment.wandb_reachable()
+        if ok:
+            return
+        reason = f"W&B server {where} unreachable"
+    os.environ["WANDB_MODE"] = "offline"
+    experiment.note(
+        f"{reason}: logging W&B offline instead; upload later with `wandb sync {Path(info['run_dir']) / 'wandb'}`"
+    )
 
 
 def fit_report(
