@@ -24,6 +24,7 @@ from lightning_cs336.data import (
     get_batch,
     load_meta,
     load_tokens,
+    preparation,
     prepare,
 )
 
@@ -359,7 +360,7 @@ def test_prepare_failure_keeps_previous_output(tmp_path: Path, monkeypatch: pyte
     _write_docs(tmp_path / "corpus")
     out = prepare([str(tmp_path / "corpus")], tmp_path / "out", tokenizer="byte", show_progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_write = data_mod._write_split
+    real_write = preparation._write_split
 
     def fail_on_val(tok, docs, path, dtype, advance):
         real_write(tok, docs, path, dtype, advance)
@@ -367,7 +368,7 @@ def test_prepare_failure_keeps_previous_output(tmp_path: Path, monkeypatch: pyte
             raise KeyboardInterrupt  # e.g. Ctrl-C after train.bin was written
         return len(docs)
 
-    monkeypatch.setattr(data_mod, "_write_split", fail_on_val)
+    monkeypatch.setattr(preparation, "_write_split", fail_on_val)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(tmp_path / "corpus")], out, vocab_size=300, show_progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
