@@ -32,15 +32,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import IO, Any
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "PRESETS",
     "Embedding",
     "KVCache",
     "LayerKVCache",
@@ -52,24 +52,10 @@ __all__ = [
     "SwiGLU",
     "TransformerBlock",
     "TransformerLM",
-    "load_cs336_checkpoint",
-    "save_cs336_checkpoint",
 ]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configuration
-
-
-PRESETS: dict[str, dict[str, int | float]] = {
-    # Tiny: unit tests and smoke runs. 257 = 256 bytes + one special token.
-    "debug": dict(vocab_size=257, context_length=32, d_model=32, num_layers=2, num_heads=2, d_ff=64),
-    # Trains for a couple of minutes on a laptop CPU. d_ff = 344 ~ 8/3 * 128 rounded to a multiple of 8.
-    "quickstart": dict(vocab_size=2048, context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=344),
-    # The assignment's TinyStories model: ~17.6M parameters without the token embedding (see num_parameters).
-    "tinystories-17m": dict(
-        vocab_size=10000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344, rope_theta=10000.0
-    ),
-}
 
 
 @dataclass
@@ -116,22 +102,29 @@ class ModelConfig:
         return self.d_model // self.num_heads
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        """Build a named configuration from :data:`PRESETS`.
+    def from_config_file(cls, path: str | os.PathLike[str], **overrides: Any) -> ModelConfig:
+        """The model of a ``cs336 fit`` YAML config (its ``model:`` section): the files in ``configs/`` are the one
+        source of the shipped sizes (``debug``, ``quickstart``, ``tinystories-17m``).
 
         Args:
-            name: One of ``PRESETS`` (``debug``, ``quickstart``, ``tinystories-17m``).
-            **overrides: Fields to change, e.g. ``vocab_size=`` to match a tokenizer.
-
-        Returns:
-            A new, validated config (presets are never shared or mutated).
+            path: A LightningCLI config file.
+            **overrides: Fields to set or change; ``vocab_size`` is usually needed, since ``cs336 fit`` links it
+                from the prepared data rather than the config.
 
         Raises:
-            ValueError: If ``name`` is not a known preset.
+            ValueError: If a required field is in neither the file nor ``overrides``.
         """
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
-        return cls(**{**PRESETS[name], **overrides})
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        section = data.get("model") or {}
+        section = section.get("init_args", section)
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in section.items() if k in names} | overrides
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in values]
+        if missing:
+            raise ValueError(f"{path} does not set model {missing}; pass them, e.g. vocab_size= from the prepared data")
+        return cls(**values)
 
     def to_dict(self) -> dict[str, int | float]:
         """The fields as a plain dict (for hyperparameter logging)."""
@@ -573,7 +566,7 @@ class TransformerLM(nn.Module):
         Args:
             non_embedding: Exclude ``token_embeddings`` (a table lookup: no FLOPs). ``lm_head`` is *kept*: it is a
                 real matmul (Kaplan et al. count it, since their embeddings are tied), and with it the
-                ``tinystories-17m`` preset is the 17.6M parameters its name refers to.
+                ``tinystories-17m`` config (``configs/tinystories-17m.yaml``) has the 17.6M parameters of its name.
 
         Returns:
             The number of scalar parameters.
@@ -746,108 +739,3 @@ def _sample_next(logits: Tensor, temperature: float, top_p: float, generator: to
     if generator is not None:
         probs = probs.to(generator.device)  # multinomial needs its generator on the same device
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1).to(logits.device)  # (B,)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# CS336-format checkpoints: {"model": state_dict, "optimizer": state_dict, "iteration": int}
-
-_COMPILE_PREFIX = "_orig_mod."  # what torch.compile's OptimizedModule puts in front of every key
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under a ``torch.compile`` wrapper (or the module itself)."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
-def save_cs336_checkpoint(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    iteration: int,
-    out: str | os.PathLike[str] | IO[bytes],
-) -> None:
-    """Write a checkpoint in CS336's ``save_checkpoint`` format.
-
-    The file is ``torch.save({"model": ..., "optimizer": ..., "iteration": ...})``; ``optimizer`` is ``None`` when
-    no optimizer is given. A ``torch.compile``-d model is saved under its plain key names, so the file loads into
-    an uncompiled model (and into any CS336 implementation).
-
-    Args:
-        model: The model (``TransformerLM`` or any CS336-compatible module).
-        optimizer: Its optimizer, or ``None``.
-        iteration: Training step to store.
-        out: Path or writable binary file object.
-    """
-    torch.save(
-        {
-            "model": _unwrap(model).state_dict(),
-            "optimizer": None if optimizer is None else optimizer.state_dict(),
-            "iteration": int(iteration),
-        },
-        out,
-    )
-
-
-def _fmt_shape(shape: torch.Size) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
-
-
-def _more(names: list[str]) -> str:
-    return names[0] + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
-
-
-def load_cs336_checkpoint(
-    src: str | os.PathLike[str] | IO[bytes],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-) -> int:
-    """Load a CS336-format checkpoint into ``model`` (``strict=True``) and optionally ``optimizer``.
-
-    Keys saved from a ``torch.compile``-d model (``_orig_mod.`` prefix) are accepted, and ``model`` itself may be
-    compiled. Tensors are read onto the CPU and copied into the model's parameters wherever they live.
-
-    Args:
-        src: Path or readable binary file object.
-        model: The model to fill; must have exactly the checkpoint's architecture.
-        optimizer: If given, its state is restored too (the checkpoint must contain one).
-
-    Returns:
-        The stored iteration.
-
-    Raises:
-        ValueError: If the file is not a CS336 checkpoint, or its tensors do not match the model's names/shapes
-            (one line naming the first mismatch), or an optimizer is requested but the checkpoint has none.
-    """
-    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "iteration" not in checkpoint:
-        keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"not a CS336 checkpoint: expected a dict with 'model' and 'iteration', got {keys}")
-    state = {k.removeprefix(_COMPILE_PREFIX): v for k, v in checkpoint["model"].items()}
-    target = _unwrap(model)
-    expected = target.state_dict()
-
-    hint = "the checkpoint is from a different architecture; pass the matching model config"
-    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if wrong_shape:
-        k = wrong_shape[0]
-        more = f" (and {len(wrong_shape) - 1} more mismatched tensors)" if len(wrong_shape) > 1 else ""
-        raise ValueError(
-            f"checkpoint has {k} {_fmt_shape(state[k].shape)} but the model expects "
-            f"{_fmt_shape(expected[k].shape)}{more}: {hint}"
-        )
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"checkpoint lacks {_more(missing)}")
-        if unexpected:
-            parts.append(f"checkpoint has unexpected {_more(unexpected)}")
-        raise ValueError(f"{' and '.join(parts)}: {hint}")
-
-    target.load_state_dict(state, strict=True)
-    if optimizer is not None:
-        if checkpoint.get("optimizer") is None:
-            raise ValueError("checkpoint has no optimizer state, but an optimizer was passed to restore")
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    return int(checkpoint["iteration"])

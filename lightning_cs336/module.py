@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,13 +13,11 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from lightning_cs336.model import ModelConfig, TransformerLM, load_cs336_checkpoint, save_cs336_checkpoint
+from lightning_cs336.model import ModelConfig, TransformerLM
 
 __all__ = [
     "LanguageModel",
     "cosine_lr",
-    "export_cs336_checkpoint",
-    "import_cs336_checkpoint",
 ]
 
 
@@ -246,76 +243,6 @@ class LanguageModel(L.LightningModule):
                 )
 
 
-def export_cs336_checkpoint(ckpt_path: str | Path, out: str | Path) -> Path:
-    """Write a Lightning checkpoint of :class:`LanguageModel` as a CS336-format checkpoint.
-
-    The result is ``{"model": state_dict, "optimizer": AdamW state or None, "iteration": global_step}`` via
-    ``torch.save``, loadable by a CS336 ``load_checkpoint`` into the assignment's ``TransformerLM``.
-    """
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    lm = LanguageModel(**_model_kwargs(ckpt["hyper_parameters"]))
-    lm.load_state_dict(ckpt["state_dict"])
-    optimizer = None
-    if ckpt.get("optimizer_states"):
-        optimizer = torch.optim.AdamW(lm.model.parameters())
-        try:
-            optimizer.load_state_dict(
-                _single_group(ckpt["optimizer_states"][0], lm.model, lm.hparams.decay_norm_and_embeddings)
-            )
-        except ValueError:
-            optimizer = None  # parameter grouping differs: export the weights alone
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_cs336_checkpoint(lm.model, optimizer, int(ckpt.get("global_step", 0)), out)
-    return out
-
-
-def import_cs336_checkpoint(
-    src: str | Path, out: str | Path, num_heads: int, context_length: int, rope_theta: float = 10000.0
-) -> Path:
-    """Turn a CS336-format checkpoint into a Lightning checkpoint that ``LanguageModel.load_from_checkpoint`` (and
-    ``cs336 generate --ckpt``) accepts. Shapes give every dimension except ``num_heads``, ``context_length`` and
-    ``rope_theta``, which the caller passes.
-    """
-    raw = torch.load(src, map_location="cpu", weights_only=False)
-    if not isinstance(raw, dict) or "model" not in raw:
-        raise ValueError(f"{src} is not a CS336 checkpoint: expected a dict with a 'model' state dict")
-    state = {k.removeprefix("_orig_mod."): v for k, v in raw["model"].items()}
-    if "token_embeddings.weight" not in state or "layers.0.ffn.w1.weight" not in state:
-        raise ValueError(f"{src} does not hold a CS336 TransformerLM state dict (no token_embeddings / layers.0.ffn)")
-    vocab_size, d_model = state["token_embeddings.weight"].shape
-    num_layers = len({k.split(".")[1] for k in state if k.startswith("layers.")})
-    d_ff = state["layers.0.ffn.w1.weight"].shape[0]
-    lm = LanguageModel(
-        vocab_size=vocab_size,
-        context_length=context_length,
-        d_model=d_model,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        d_ff=d_ff,
-        rope_theta=rope_theta,
-    )
-    iteration = load_cs336_checkpoint(src, lm.model)
-    checkpoint = {
-        "state_dict": lm.state_dict(),
-        "hyper_parameters": dict(lm.hparams),
-        "global_step": iteration,
-        "epoch": 0,
-        "pytorch-lightning_version": L.__version__,
-    }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
-    return out
-
-
-def _model_kwargs(hparams: dict[str, Any]) -> dict[str, Any]:
-    import inspect
-
-    names = set(inspect.signature(LanguageModel.__init__).parameters) - {"self"}
-    return {k: v for k, v in hparams.items() if k in names}
-
-
 def _decay_split(model: torch.nn.Module, decay_all: bool) -> tuple[list[str], list[str]]:
     """Names of the trainable parameters that get weight decay, and of those that do not, in model order."""
     decay, no_decay = [], []
@@ -326,21 +253,3 @@ def _decay_split(model: torch.nn.Module, decay_all: bool) -> tuple[list[str], li
         is_matrix = param.ndim >= 2 and "token_embeddings" not in name
         (decay if is_matrix or decay_all else no_decay).append(name)
     return decay, no_decay
-
-
-def _single_group(state: dict[str, Any], model: torch.nn.Module, decay_all: bool) -> dict[str, Any]:
-    """Re-index Lightning's AdamW state (groups: decay, then no-decay) into one group in ``model.parameters()``
-    order, the layout a CS336 ``AdamW(model.parameters())`` loads positionally."""
-    decay, no_decay = _decay_split(model, decay_all)
-    names = [n for n, _ in model.named_parameters()]
-    lightning_order = decay + no_decay
-    groups = state["param_groups"]
-    flat_ids = [p for g in groups for p in g["params"]]
-    new_state = {
-        names.index(lightning_order[pos]): state["state"][pid]
-        for pos, pid in enumerate(flat_ids)
-        if pid in state["state"]
-    }
-    merged = {k: v for k, v in groups[0].items() if k not in ("params", "name")}
-    merged["params"] = list(range(len(names)))
-    return {"state": new_state, "param_groups": [merged]}

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from lightning_cs336.cs336_format import load_cs336_checkpoint, save_cs336_checkpoint
 from lightning_cs336.model import (
-    PRESETS,
     KVCache,
     Linear,
     ModelConfig,
@@ -20,10 +21,9 @@ from lightning_cs336.model import (
     SwiGLU,
     TransformerBlock,
     TransformerLM,
-    load_cs336_checkpoint,
-    save_cs336_checkpoint,
 )
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEBUG = dict(vocab_size=257, context_length=32, d_model=32, num_layers=2, num_heads=2, d_ff=64)
 TOL = dict(atol=2e-5, rtol=1e-4)  # float32 model vs float64 reference
 
@@ -261,7 +261,7 @@ def test_init_statistics() -> None:
     assert w.std().item() == pytest.approx(0.98658 * std, rel=0.02)
     assert w.mean().abs().item() < 0.1 * std
 
-    model = TransformerLM(ModelConfig.preset("quickstart"))
+    model = TransformerLM(ModelConfig.from_config_file(CONFIGS / "quickstart.yaml", vocab_size=2048))
     emb = model.token_embeddings.weight.detach()
     assert emb.abs().max() <= 3.0 + 1e-6
     assert emb.std().item() == pytest.approx(0.98658, rel=0.02)
@@ -295,23 +295,23 @@ def test_config_validation_names_the_field(overrides: dict, pattern: str) -> Non
         ModelConfig(**{**DEBUG, **overrides})
 
 
-def test_presets() -> None:
-    assert set(PRESETS) == {"debug", "quickstart", "tinystories-17m"}
-    with pytest.raises(ValueError, match="debug.*quickstart.*tinystories-17m"):
-        ModelConfig.preset("gpt-5")
-    assert ModelConfig.preset("debug", vocab_size=300).vocab_size == 300
-    assert ModelConfig.preset("debug") is not ModelConfig.preset("debug")
-    ts = ModelConfig.preset("tinystories-17m")
+def test_shipped_configs_are_the_presets() -> None:
+    # The YAML files in configs/ are the single source of the shipped model sizes.
+    assert {p.stem for p in CONFIGS.glob("*.yaml")} >= {"debug", "quickstart", "tinystories-17m"}
+    with pytest.raises(ValueError, match=r"does not set model \['vocab_size'\]"):
+        ModelConfig.from_config_file(CONFIGS / "debug.yaml")
+    assert ModelConfig.from_config_file(CONFIGS / "debug.yaml", vocab_size=300).vocab_size == 300
+    ts = ModelConfig.from_config_file(CONFIGS / "tinystories-17m.yaml", vocab_size=10000)
     expected = dict(vocab_size=10000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344)
     assert ts.to_dict() == {**expected, "rope_theta": 10000.0}
     for name in ("debug", "quickstart"):
-        cfg = ModelConfig.preset(name)
+        cfg = ModelConfig.from_config_file(CONFIGS / f"{name}.yaml", vocab_size=257)
         TransformerLM(cfg)(torch.zeros(1, cfg.context_length, dtype=torch.long))
 
 
 def test_tinystories_parameter_count_and_flops() -> None:
     with torch.device("meta"):  # shapes only: skips ~1 s of initialising 22.7M weights
-        model = TransformerLM(ModelConfig.preset("tinystories-17m"))
+        model = TransformerLM(ModelConfig.from_config_file(CONFIGS / "tinystories-17m.yaml", vocab_size=10000))
     # By hand: per layer 4*512^2 (attn) + 3*512*1344 (ffn) + 2*512 (norms) = 1,048,576 + 2,064,384 + 1,024.
     per_layer = 3_113_984
     embedding = 10000 * 512  # token_embeddings, and again for the untied lm_head

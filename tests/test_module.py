@@ -8,9 +8,15 @@ import lightning as L
 import pytest
 import torch
 
+from lightning_cs336.cs336_format import (
+    export_cs336_checkpoint,
+    import_cs336_checkpoint,
+    load_cs336_checkpoint,
+    save_cs336_checkpoint,
+)
 from lightning_cs336.data import TokenDataModule
-from lightning_cs336.model import TransformerLM, load_cs336_checkpoint, save_cs336_checkpoint
-from lightning_cs336.module import LanguageModel, cosine_lr, export_cs336_checkpoint, import_cs336_checkpoint
+from lightning_cs336.model import TransformerLM
+from lightning_cs336.module import LanguageModel, cosine_lr
 
 TINY = dict(context_length=32, d_model=32, num_layers=2, num_heads=2, d_ff=64)
 

@@ -11,7 +11,7 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    from lightning_cs336.module import export_cs336_checkpoint
+    from lightning_cs336.cs336_format import export_cs336_checkpoint
 
     if not Path(args.ckpt).is_file():
         raise FileNotFoundError(f"checkpoint {args.ckpt} does not exist")
@@ -27,7 +27,7 @@ def import_main(argv: list[str]) -> int:
     parser.add_argument("--context-length", type=int, required=True)
     parser.add_argument("--rope-theta", type=float, default=10000.0)
     args = parser.parse_args(argv)
-    from lightning_cs336.module import import_cs336_checkpoint
+    from lightning_cs336.cs336_format import import_cs336_checkpoint
 
     if not Path(args.src).is_file():
         raise FileNotFoundError(f"CS336 checkpoint {args.src} does not exist")
