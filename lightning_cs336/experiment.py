@@ -117,28 +117,28 @@ def render_name(template: str, values: dict[str, Any]) -> str:
 
 
 def _unique(parent: Path, name: str) -> str:
-    """``name``, or ``name-2``, ``name-3``... : the first that no run in ``parent`` uses yet (claimed atomically)."""
-    parent.mkdir(parents=True, exist_ok=True)
+    """``name``, or ``name-2``, ``name-3``... : the first that no run in ``parent`` uses yet.
+
+    Nothing is created here (bad input found later must leave no directory behind); the run record refuses to
+    write into a directory that already holds a record, so two runs started in the same instant cannot mix.
+    """
     for i in range(1, 10_000):
         candidate = name if i == 1 else f"{name}-{i}"
-        try:
-            (parent / candidate).mkdir()  # atomic: two runs started at once cannot both get the same name
+        if not (parent / candidate).exists():
             return candidate
-        except FileExistsError:
-            continue
     raise ValueError(f"more than 10000 runs named {name!r} in {parent}: choose another logging.experiment_name")
 
 
 def _check_writable(path: Path, what: str) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
+    """Fail now, before training, when ``path`` cannot be created or written (without creating anything)."""
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not (probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)):
         raise PermissionError(
-            f"{what} {path} is not writable ({err.strerror or err}): pass a writable --trainer.default_root_dir"
-        ) from None
+            f"{what} {path} is not writable ({probe} is not a writable directory): "
+            "pass a writable --trainer.default_root_dir"
+        )
 
 
 def _class(entry: Any) -> str:
@@ -263,6 +263,7 @@ def expand_fit_config(
         "init_args": {"save_dir": str(parent), "name": name, "project": project, "group": group, "tags": tags,
                       "notes": notes, "resume": resume},
     }  # fmt: skip
+    # Order matters: Lightning writes LightningCLI's config.yaml into the FIRST logger's save_dir.
     new_loggers: list[dict[str, Any]] = [record]
     if off is None:
         wandb_init = {
@@ -274,7 +275,7 @@ def expand_fit_config(
         wandb_init.update(
             {k: v for k, v in (("entity", entity), ("tags", tags), ("notes", notes), ("group", group)) if v}
         )
-        new_loggers.append({"class_path": _WANDB, "init_args": wandb_init})
+        new_loggers.insert(0, {"class_path": _WANDB, "init_args": wandb_init})
     else:
         info["wandb"] = off
         if not any(_short(_class(e)) == "CSVLogger" for e in others):

@@ -65,12 +65,15 @@ def main(argv: list[str] | None = None) -> None:
             from lightning_cs336.cli.runs import runs_main
 
             sys.exit(runs_main(argv[1:]))
+        # `--no-wandb` (the seed's flag): the same run with local loggers only.
+        no_wandb = "--no-wandb" in argv
+        argv = [a for a in argv if a != "--no-wandb"]
         default_wandb_mode()
         from lightning_cs336.cli.fit import _cli_class
         from lightning_cs336.data import TokenDataModule
         from lightning_cs336.module import LanguageModel
 
-        _cli_class()(
+        _cli_class(no_wandb=no_wandb)(
             LanguageModel,
             TokenDataModule,
             args=argv,
@@ -85,10 +88,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def __getattr__(name: str) -> object:
     # `from lightning_cs336.cli import fit_report` keeps working without importing lightning at `cs336 --help` time.
     if name == "fit_report":
@@ -96,3 +95,7 @@ def __getattr__(name: str) -> object:
 
         return fit_report
     raise AttributeError(name)
+
+
+if __name__ == "__main__":
+    main()
