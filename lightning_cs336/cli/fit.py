@@ -71,7 +71,11 @@ def _cli_class(no_wandb: bool = False) -> type:
             null_block = block is None and _block_is_null(config_files)
             # `logging: null`: the block's defaults (the whole suite) with local loggers only, like --no-wandb.
             expanded, self.run_info_ = experiment.expand_fit_config(
-                values, {} if null_block else block, no_wandb or null_block, resume=bool(values.get("ckpt_path")), claim=claim
+                values,
+                {} if null_block else block,
+                no_wandb or null_block,
+                resume=bool(values.get("ckpt_path")),
+                claim=claim,
             )
             if claim:
                 _wandb_fallback(self.run_info_)
