@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DATA ?= data/quickstart
 PYTEST_ARGS ?=
 
-.PHONY: venv quickstart test lint clean bench
+.PHONY: venv quickstart test lint clean bench browser
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,14 @@ $(DATA)/meta.json: | $(BIN)/.installed
 quickstart: $(BIN)/.installed $(DATA)/meta.json
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/cs336 fit --config configs/quickstart.yaml
 
-test: $(BIN)/.installed
+# The HTML report tests open the report in a real headless browser: Debian's chromium (installed when missing and
+# this user may run apt-get; otherwise those tests say why they skip).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "make: chromium not installed; the browser tests will skip"
+
+test: $(BIN)/.installed browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(BIN)/.installed

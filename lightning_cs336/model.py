@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +62,18 @@ __all__ = [
 class ModelConfig:
     """Hyperparameters of the CS336 transformer LM. Validated on construction."""
 
-    vocab_size: int
-    """Number of token ids; the embedding and LM-head row count."""
-    context_length: int
+    # Defaults: the quickstart model's sizes (configs/quickstart.yaml states them too, for the reader of the config).
+    vocab_size: int = 2048
+    """Number of token ids; the embedding and LM-head row count (``cs336 fit`` links it from ``data.vocab_size``)."""
+    context_length: int = 128
     """Maximum sequence length the model accepts (also the size of the RoPE tables and of the KV cache)."""
-    d_model: int
+    d_model: int = 128
     """Width of the residual stream."""
-    num_layers: int
+    num_layers: int = 4
     """Number of transformer blocks."""
-    num_heads: int
+    num_heads: int = 4
     """Number of attention heads; must divide d_model, and d_model / num_heads must be even (RoPE rotates pairs)."""
-    d_ff: int
+    d_ff: int = 344
     """Inner width of the SwiGLU feed-forward (CS336 uses about 8/3 * d_model, rounded to a multiple of 64)."""
     rope_theta: float = 10000.0
     """RoPE base: the pair j of a head is rotated by position * rope_theta ** (-2j / d_head)."""
@@ -108,11 +109,11 @@ class ModelConfig:
 
         Args:
             path: A LightningCLI config file.
-            **overrides: Fields to set or change; ``vocab_size`` is usually needed, since ``cs336 fit`` links it
-                from the prepared data rather than the config.
+            **overrides: Fields to set or change; usually ``vocab_size``, which ``cs336 fit`` links from the prepared
+                data rather than the config (the default is 2048).
 
         Raises:
-            ValueError: If a required field is in neither the file nor ``overrides``.
+            ValueError: If ``overrides`` names a field ModelConfig does not have.
         """
         import yaml
 
@@ -120,10 +121,10 @@ class ModelConfig:
         section = data.get("model") or {}
         section = section.get("init_args", section)
         names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown model field(s) {unknown}; known: {sorted(names)}")
         values = {k: v for k, v in section.items() if k in names} | overrides
-        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in values]
-        if missing:
-            raise ValueError(f"{path} does not set model {missing}; pass them, e.g. vocab_size= from the prepared data")
         return cls(**values)
 
     def to_dict(self) -> dict[str, int | float]:

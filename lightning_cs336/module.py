@@ -4,12 +4,17 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import inspect
 import math
+import typing
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
@@ -19,6 +24,29 @@ __all__ = [
     "LanguageModel",
     "cosine_lr",
 ]
+
+
+def _with_model_config_signature(cls: type) -> type:
+    """Give ``cls.__init__`` the fields of ModelConfig as keyword-only parameters (types, defaults) in its signature,
+    and their attribute docstrings in its Args docs: jsonargparse (LightningCLI) reads both, so the fields are
+    declared once, in ModelConfig, and still appear as flat ``--model.<field>`` options with their help."""
+    import docstring_parser
+
+    hints = typing.get_type_hints(ModelConfig)
+    own = [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind != p.VAR_KEYWORD]
+    model = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+        for f in dataclasses.fields(ModelConfig)
+    ]
+    cls.__init__.__signature__ = inspect.Signature(own + model)  # type: ignore[attr-defined]
+    docs = {p.arg_name: p.description for p in docstring_parser.parse_from_object(ModelConfig).params}
+    lines = "".join(f"        {name}: {' '.join((docs.get(name) or '').split())}\n" for name in _MODEL_FIELDS_ORDER)
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n" + lines + "    "
+    return cls
+
+
+_MODEL_FIELDS_ORDER = [f.name for f in dataclasses.fields(ModelConfig)]
+_MODEL_FIELDS = frozenset(_MODEL_FIELDS_ORDER)
 
 
 def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, cosine_steps: int) -> float:
@@ -35,17 +63,16 @@ def cosine_lr(step: int, max_lr: float, min_lr: float, warmup_steps: int, cosine
     return min_lr
 
 
+@_with_model_config_signature
 class LanguageModel(L.LightningModule):
     """Next-token language modelling with the CS336 transformer.
 
+    The model's own fields (``vocab_size``, ``context_length``, ``d_model``, ``num_layers``, ``num_heads``, ``d_ff``,
+    ``rope_theta``) are :class:`~lightning_cs336.model.ModelConfig`'s, taken as keyword arguments: ModelConfig is
+    their one declaration (type, default, help text), and ``__init__``'s signature is built from it below, so
+    LightningCLI keeps flat keys (``--model.d_model``) and shows each field's documentation in ``--help``.
+
     Args:
-        vocab_size: Vocabulary size. Under ``cs336 fit`` it is linked from the data (``data.vocab_size``).
-        context_length: Longest sequence the model handles; the data's window length is linked to it.
-        d_model: Width of the residual stream.
-        num_layers: Number of transformer blocks.
-        num_heads: Attention heads per block (``d_model`` must be divisible by it).
-        d_ff: Inner width of the SwiGLU feed-forward layer.
-        rope_theta: RoPE base.
         max_lr: Peak learning rate (reached after warm-up).
         min_lr: Final learning rate of the cosine schedule.
         warmup_steps: Linear warm-up length in optimizer steps.
@@ -61,13 +88,6 @@ class LanguageModel(L.LightningModule):
 
     def __init__(
         self,
-        vocab_size: int = 2048,
-        context_length: int = 128,
-        d_model: int = 128,
-        num_layers: int = 4,
-        num_heads: int = 4,
-        d_ff: int = 344,
-        rope_theta: float = 10000.0,
         max_lr: float = 1e-3,
         min_lr: float = 1e-4,
         warmup_steps: int = 100,
@@ -77,24 +97,38 @@ class LanguageModel(L.LightningModule):
         weight_decay: float = 0.1,
         decay_norm_and_embeddings: bool = False,
         compile: bool = False,
+        **model_config: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        unknown = sorted(set(model_config) - _MODEL_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown LanguageModel argument(s) {unknown}; model fields: {sorted(_MODEL_FIELDS)}")
+        self.config = ModelConfig(**model_config)
+        hparams = {
+            **self.config.to_dict(),
+            "max_lr": max_lr,
+            "min_lr": min_lr,
+            "warmup_steps": warmup_steps,
+            "cosine_steps": cosine_steps,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "decay_norm_and_embeddings": decay_norm_and_embeddings,
+            "compile": compile,
+        }
+        if _given_hyperparameters.get() is not None:
+            self.save_hyperparameters()  # under LightningCLI: its (flat) config of this class, and its instantiator
+        else:
+            # What save_hyperparameters() stores (lightning 2.6.6 utilities/parsing.py), set directly: its frame
+            # inspection would look for the generated signature's model fields among this frame's locals.
+            self._set_hparams(hparams)
+            self._hparams_initial = copy.deepcopy(self._hparams)
         if not 0 <= min_lr <= max_lr:
             raise ValueError(f"need 0 <= min_lr <= max_lr, got min_lr={min_lr}, max_lr={max_lr}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if cosine_steps is not None and cosine_steps < warmup_steps:
             raise ValueError(f"cosine_steps ({cosine_steps}) must be >= warmup_steps ({warmup_steps})")
-        self.config = ModelConfig(
-            vocab_size=vocab_size,
-            context_length=context_length,
-            d_model=d_model,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            d_ff=d_ff,
-            rope_theta=rope_theta,
-        )
         self.model = TransformerLM(self.config)
         self.tokenizer: Any | None = None  # set from the datamodule in setup(), or from a checkpoint
         self.val_loss = MeanMetric()

@@ -298,8 +298,8 @@ def test_config_validation_names_the_field(overrides: dict, pattern: str) -> Non
 def test_shipped_configs_are_the_presets() -> None:
     # The YAML files in configs/ are the single source of the shipped model sizes.
     assert {p.stem for p in CONFIGS.glob("*.yaml")} >= {"debug", "quickstart", "tinystories-17m"}
-    with pytest.raises(ValueError, match=r"does not set model \['vocab_size'\]"):
-        ModelConfig.from_config_file(CONFIGS / "debug.yaml")
+    with pytest.raises(ValueError, match=r"unknown model field\(s\) \['d_modle'\]"):
+        ModelConfig.from_config_file(CONFIGS / "debug.yaml", d_modle=3)
     assert ModelConfig.from_config_file(CONFIGS / "debug.yaml", vocab_size=300).vocab_size == 300
     ts = ModelConfig.from_config_file(CONFIGS / "tinystories-17m.yaml", vocab_size=10000)
     expected = dict(vocab_size=10000, context_length=256, d_model=512, num_layers=4, num_heads=16, d_ff=1344)
