@@ -650,12 +650,24 @@ def best_run(runs: Sequence[Run], metric: str = "val/loss", mode: str = "min") -
 
 
 def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"d_model": 128}}`` as ``{"model.d_model": 128}``; lists and empty dicts stay leaves."""
+    """``{"model": {"d_model": 128}}`` as ``{"model.d_model": 128}``. A list of LightningCLI class entries (e.g.
+    ``trainer.callbacks``) flattens by class name: ``trainer.callbacks.ModelCheckpoint.monitor`` (``#2`` for a second
+    entry of one class), so two runs differing in one callback argument differ in one key; other lists and empty
+    dicts stay leaves."""
     out: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
             out.update(flatten_config(value, f"{name}."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) and "class_path" in v for v in value):
+            seen: dict[str, int] = {}
+            for entry in value:
+                cls = str(entry["class_path"]).rsplit(".", 1)[-1]
+                seen[cls] = seen.get(cls, 0) + 1
+                label = cls if seen[cls] == 1 else f"{cls}#{seen[cls]}"
+                out.update(
+                    flatten_config(entry.get("init_args") or {"class_path": entry["class_path"]}, f"{name}.{label}.")
+                )
         else:
             out[name] = value
     return out

@@ -7,7 +7,12 @@ project that offers the documented duck-typed hooks (``flops_per_token``, ``gene
 from __future__ import annotations
 
 import csv
+import os
+import socket
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +230,48 @@ def two_process_strategy(kind: str) -> Any:
 
         return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     return kind
+
+
+def finish_and_read(root: Path, wait_s: float = 60.0) -> Any:
+    """Finish the active W&B run and read the newest offline run under ``root`` back from disk.
+
+    WandbLogger never finishes its run itself, and nothing reaches the ``.wandb`` file until it does; and in wandb
+    0.31 offline ``wandb.finish()`` returns before wandb-core has written the history and exit record (seen on a
+    loaded machine: a 7-byte file right after ``finish``), so wait up to ``wait_s`` for the run's exit record.
+    """
+    import wandb
+
+    from lightning_cs336.wandb_reader import latest_run
+
+    if wandb.run is not None:
+        wandb.finish()
+    deadline = time.monotonic() + wait_s
+    while True:
+        run = latest_run(root, wait_s=min(wait_s, 10.0))
+        if run.finished or time.monotonic() > deadline:
+            return run
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_script(tmp_path: Path, source: str, timeout: float = 240, args: tuple[str, ...] = ()) -> Any:
+    """Write ``source`` (dedented) to ``tmp_path/script.py`` and run it in a fresh Python process: ``tests/`` on its
+    path, a free ``MASTER_PORT`` on 127.0.0.1 for torch.distributed, no inherited rank variables (so Lightning's
+    ``ddp`` launcher starts the other ranks itself), one OpenMP thread per process. Asserts a zero exit."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(source))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), env.get("PYTHONPATH")) if p)
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(var, None)
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

@@ -11,8 +11,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-import wandb
-from callback_helpers import TinyLM, make_loggers, make_trainer
+from callback_helpers import TinyLM, finish_and_read, make_loggers, make_trainer
 from callback_helpers import csv_rows as _csv_rows
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -26,7 +25,6 @@ from lightning_cs336.callbacks.checkpoint_artifacts import (
     resolve_checkpoint,
     select_versions_to_delete,
 )
-from lightning_cs336.wandb_reader import latest_run
 
 # The val/loss each validation reports, by global step: the best is step 4, and with save_top_k=2 the step-2 file is
 # deleted by ModelCheckpoint at step 6 (after it was logged).
@@ -77,11 +75,6 @@ def _fit(tmp_path: Path, callbacks: list, loggers: Any, model: TinyLM | None = N
     return trainer
 
 
-def _finish_and_read(save_dir: Path) -> Any:
-    wandb.finish()
-    return latest_run(save_dir, wait_s=30)
-
-
 def _manifest(directory: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (directory / MANIFEST_NAME).read_text().splitlines()]
 
@@ -104,7 +97,7 @@ def test_one_version_per_save_with_aliases_metadata_and_files(tmp_path: Path) ->
     callback = CheckpointArtifactLogger()
     trainer = _fit(tmp_path, [callback, mc], loggers)
     run_id = loggers[0].experiment.id
-    run = _finish_and_read(tmp_path)
+    run = finish_and_read(tmp_path)
 
     # One artifact version per save step (top-k file and last.ckpt of a step hold the same weights).
     arts = [a for a in run.artifacts if a["type"] == "model"]
@@ -164,7 +157,7 @@ def test_async_checkpoint_io_uploads_complete_files(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="keep_last_k deletes old artifact versions on the W&B server only"):
         _fit(tmp_path, [callback, mc], loggers, plugins=[AsyncCheckpointIO(SlowIO(0.3))])
     run_id = loggers[0].experiment.id
-    run = _finish_and_read(tmp_path)
+    run = finish_and_read(tmp_path)
 
     arts = [a for a in run.artifacts if a["type"] == "model"]
     assert [a["metadata"]["step"] for a in arts] == [2, 4, 6]
@@ -181,7 +174,7 @@ def test_log_model_true_warns_and_does_not_duplicate(tmp_path: Path) -> None:
     mc = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/loss", save_top_k=2)
     with pytest.warns(UserWarning, match=r"log_model=True.*no W&B uploads of its own"):
         _fit(tmp_path, [CheckpointArtifactLogger(), mc], [logger])
-    run = _finish_and_read(tmp_path)
+    run = finish_and_read(tmp_path)
 
     arts = [a for a in run.artifacts if a["type"] == "model"]
     assert arts, "WandbLogger(log_model=True) logs the top-k files at the end"
@@ -234,7 +227,7 @@ def test_deleted_file_warns_and_training_continues(tmp_path: Path) -> None:
     mc = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/loss", save_top_k=-1)
     with pytest.warns(UserWarning, match="step 4 .* no longer exists"):
         _fit(tmp_path, [CheckpointArtifactLogger(), mc], loggers, plugins=[VanishingIO(vanish_step=4)])
-    run = _finish_and_read(tmp_path)
+    run = finish_and_read(tmp_path)
     assert [a["metadata"]["step"] for a in run.artifacts if a["type"] == "model"] == [2, 6]
     lines = _manifest(Path(loggers[1].log_dir))
     assert [(line["step"], line["path"] is None) for line in lines] == [(2, False), (4, True), (6, False)]
@@ -252,7 +245,7 @@ def test_resume_does_not_relog(tmp_path: Path) -> None:
 
     first = make_loggers(tmp_path / "a", ("wandb", "csv"))
     _fit(tmp_path, callbacks(), first, max_steps=4, limit_val_batches=0)
-    run_a = _finish_and_read(tmp_path / "a")
+    run_a = finish_and_read(tmp_path / "a")
     assert [a["metadata"]["step"] for a in run_a.artifacts] == [2, 4]
     saved = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
     state = next(v for k, v in saved["callbacks"].items() if k.startswith("CheckpointArtifactLogger"))
@@ -269,7 +262,7 @@ def test_resume_does_not_relog(tmp_path: Path) -> None:
         enable_checkpointing=True,
     )
     trainer.fit(ScriptedVal(), ckpt_path=str(ckpt_dir / "last.ckpt"))
-    run_b = _finish_and_read(tmp_path / "b")
+    run_b = finish_and_read(tmp_path / "b")
     arts = run_b.artifacts
     assert [a["metadata"]["step"] for a in arts] == [6, 8]
     assert all("best" not in a["aliases"] for a in arts)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -17,14 +14,11 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from callback_helpers import TinyLM, finish_and_read, make_loggers, make_trainer, run_script
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from callback_helpers import TinyLM, make_loggers, make_trainer  # noqa: E402
-
-from lightning_cs336.callbacks import grad_norm as grad_norm_module  # noqa: E402
-from lightning_cs336.callbacks._base import clean_param_name  # noqa: E402
-from lightning_cs336.callbacks.grad_norm import GradientNormMonitor  # noqa: E402
+from lightning_cs336.callbacks import grad_norm as grad_norm_module
+from lightning_cs336.callbacks._base import clean_param_name
+from lightning_cs336.callbacks.grad_norm import GradientNormMonitor
 
 BASE_KEYS = {"grad/norm_total", "grad/nonfinite_count", "grad/nonfinite_total"}
 CLIP_KEYS = set(GradientNormMonitor.CLIP_KEYS)
@@ -70,16 +64,6 @@ class RecordingLM(TinyLM):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         self.post[_step_of(self)] = _total_norm([p.grad for p in self.parameters()])
-
-
-def _read_wandb(root: Path):
-    import wandb
-
-    from lightning_cs336.wandb_reader import latest_run
-
-    if wandb.run is not None:
-        wandb.finish()
-    return latest_run(root, wait_s=10)
 
 
 def _read_csv(tmp_path: Path) -> list[dict[str, str]]:
@@ -170,7 +154,7 @@ def test_keys_and_values_match_torch(tmp_path: Path) -> None:
     cb = GradientNormMonitor(per_layer_depth=2)
     trainer = make_trainer(tmp_path, [cb], make_loggers(tmp_path, ("wandb", "csv")), max_steps=6, log_every_n_steps=2)
     trainer.fit(model)
-    run = _read_wandb(tmp_path)
+    run = finish_and_read(tmp_path)
     rows = _read_csv(tmp_path)
 
     expected = BASE_KEYS | {"grad/norm/" + g for g in GROUPS_DEPTH2}
@@ -204,7 +188,7 @@ def test_norm_clipping_all_steps(tmp_path: Path) -> None:
     loggers = make_loggers(tmp_path, ("wandb", "tensorboard"))
     trainer = make_trainer(tmp_path, [cb], loggers, max_steps=6, log_every_n_steps=2, gradient_clip_val=1e-3)
     trainer.fit(model)
-    run = _read_wandb(tmp_path)
+    run = finish_and_read(tmp_path)
 
     assert run.keys() - LIGHTNING_KEYS == BASE_KEYS | CLIP_KEYS
     post = _wandb_series(run, "grad/norm_total_clipped")
@@ -483,7 +467,6 @@ import sys
 import torch
 import lightning as L
 
-sys.path.insert(0, {tests_dir!r})
 from callback_helpers import FullyShardLayers, TinyLM, make_loggers, two_process_strategy
 from lightning_cs336.callbacks.grad_norm import GradientNormMonitor
 
@@ -562,12 +545,6 @@ def _single_process_reference(
     return totals, groups
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("strategy", "on_nonfinite"), [("ddp", "count"), ("fsdp2", "count"), ("fsdp2", "skip")])
 def test_two_process(tmp_path: Path, wandb_env: Path, strategy: str, on_nonfinite: str) -> None:
@@ -575,17 +552,8 @@ def test_two_process(tmp_path: Path, wandb_env: Path, strategy: str, on_nonfinit
     all-reduced) and FSDP2 (local shard squares + one all_reduce); with "skip", a NaN in ONE rank's shard skips the
     step on every rank."""
     root = tmp_path / "run"
-    script = tmp_path / "train_dist.py"
-    tests_dir = str(Path(__file__).parent)
-    source = _DIST_SCRIPT.format(tests_dir=tests_dir, strategy=strategy, root=str(root), on_nonfinite=on_nonfinite)
-    script.write_text(textwrap.dedent(source))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(var, None)
-    proc = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    source = _DIST_SCRIPT.format(strategy=strategy, root=str(root), on_nonfinite=on_nonfinite)
+    run_script(tmp_path, source)
 
     from lightning_cs336.wandb_reader import find_runs, latest_run
 

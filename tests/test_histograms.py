@@ -3,34 +3,22 @@
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from callback_helpers import TinyLM, finish_and_read, make_loggers, make_trainer, run_script
+from callback_helpers import csv_rows as _csv_rows
 from lightning.pytorch import Callback
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from callback_helpers import TinyLM, make_loggers, make_trainer  # noqa: E402
-from callback_helpers import csv_rows as _csv_rows
-
-from lightning_cs336.callbacks.histograms import _FIELDS, HistogramLogger, _summarize  # noqa: E402
-from lightning_cs336.wandb_reader import OfflineRun, latest_run  # noqa: E402
+from lightning_cs336.callbacks.histograms import _FIELDS, HistogramLogger, _summarize
+from lightning_cs336.wandb_reader import latest_run
 
 LIGHTNING_KEYS = {"train/loss", "val/loss", "epoch", "trainer/global_step", "step", "_step", "_runtime", "_timestamp"}
 PARAM_NAMES = [name for name, _ in TinyLM().named_parameters()]
 NUMEL = {name: p.numel() for name, p in TinyLM().named_parameters()}
-
-
-def _read_run(root: Path) -> OfflineRun:
-    import wandb
-
-    wandb.finish()  # WandbLogger never finishes its run itself
-    # In wandb 0.31 offline, wandb.finish() returns before wandb-core has written the history and exit record.
-    return latest_run(root, wait_s=30)
 
 
 def _expected_keys(kinds: tuple[str, ...], with_histograms: bool, with_stats: bool, prefix: str = "") -> set[str]:
@@ -89,7 +77,7 @@ def test_histograms_on_wandb_tensorboard_and_stats_on_csv(tmp_path: Path) -> Non
     loggers = make_loggers(tmp_path, ("wandb", "csv", "tensorboard"))
     trainer = make_trainer(tmp_path, [callback, snapshot], loggers, max_steps=5, log_every_n_steps=1)
     trainer.fit(TinyLM())
-    run = _read_run(tmp_path)
+    run = finish_and_read(tmp_path)
     logged_steps = [1, 3]  # Lightning's rule: (step + 1) % every_n_steps == 0
 
     # W&B: one histogram per parameter and kind, at the logging steps only; counts cover every element.
@@ -152,7 +140,7 @@ def test_weights_only_prefix_and_no_stats_on_wandb(tmp_path: Path) -> None:
     loggers = make_loggers(tmp_path, ("wandb", "csv"))
     trainer = make_trainer(tmp_path, [callback], loggers, max_steps=3)
     trainer.fit(TinyLM())
-    run = _read_run(tmp_path)
+    run = finish_and_read(tmp_path)
     # W&B gets the histograms only; CSV still gets the statistics (it cannot show histograms).
     assert run.keys() - LIGHTNING_KEYS == _expected_keys(("weights",), True, False, prefix="h/")
     assert [s for s, _ in run.history_of("h/weights/head.weight")] == [2]
@@ -271,7 +259,6 @@ import sys
 import lightning as L
 import torch
 
-sys.path.insert(0, {tests_dir!r})
 from callback_helpers import FullyShardLayers, TinyLM, make_loggers, two_process_strategy
 from lightning_cs336.callbacks.histograms import HistogramLogger
 
@@ -312,25 +299,10 @@ if wandb.run is not None:
 def test_two_process(tmp_path: Path, wandb_env: Path, strategy: str) -> None:
     """Rank zero alone logs (one W&B run). DDP: whole parameters; FSDP2: rank zero's local shards (half of each
     parameter here, sharded on dim 0 over 2 ranks), as documented."""
-    import os
-    import socket
-    import subprocess
-    import textwrap
 
     root = tmp_path / "run"
-    script = tmp_path / "train_dist.py"
-    source = _DIST_SCRIPT.format(tests_dir=str(Path(__file__).parent), strategy=strategy, root=str(root))
-    script.write_text(textwrap.dedent(source))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(var, None)
-    proc = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    source = _DIST_SCRIPT.format(strategy=strategy, root=str(root))
+    run_script(tmp_path, source)
 
     from lightning_cs336.wandb_reader import find_runs
 

@@ -4,26 +4,22 @@ from __future__ import annotations
 
 import math
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from callback_helpers import TinyLM, make_loggers, make_trainer  # noqa: E402
+from callback_helpers import TinyLM, make_loggers, make_trainer
 from callback_helpers import csv_rows as _csv_rows
 from callback_helpers import instantiate_docstring_callbacks as _instantiate_callbacks
 
-from lightning_cs336.callbacks.memory import (  # noqa: E402
+from lightning_cs336.callbacks.memory import (
     MemoryMonitor,
     available_memory_bytes,
     cuda_memory_metrics,
     rss_bytes,
     total_memory_bytes,
 )
-from lightning_cs336.wandb_reader import latest_run  # noqa: E402
+from lightning_cs336.wandb_reader import latest_run
 
 GIB = float(1 << 30)
 

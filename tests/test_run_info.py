@@ -14,23 +14,19 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from callback_helpers import RandomTokens, TinyLM, finish_and_read, make_loggers, make_trainer
+from callback_helpers import csv_rows as _csv_rows
+from callback_helpers import instantiate_docstring_callbacks as _instantiate_callbacks
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from callback_helpers import RandomTokens, TinyLM, make_loggers, make_trainer  # noqa: E402
-from callback_helpers import csv_rows as _csv_rows
-from callback_helpers import instantiate_docstring_callbacks as _instantiate_callbacks
-
-from lightning_cs336.callbacks._base import first_tensor as _first_tensor  # noqa: E402
+from lightning_cs336.callbacks._base import first_tensor as _first_tensor
 from lightning_cs336.callbacks._base import git_state
-from lightning_cs336.callbacks.run_info import (  # noqa: E402
+from lightning_cs336.callbacks.run_info import (
     RunInfoLogger,
     count_parameters,
 )
-from lightning_cs336.wandb_reader import latest_run  # noqa: E402
 
 # TinyLM(vocab_size=96, d_model=32), counted by hand:
 #   embed  nn.Embedding(96, 32)           96 * 32       = 3072   (embedding)
@@ -164,10 +160,8 @@ def test_config_and_summary_with_all_loggers(tmp_path: Path, wandb_env: Path, mo
     trainer.fit(TinyLM())
     import wandb
 
-    wandb.finish()
-
     # --- W&B config: module hparams and the config argument at the top, facts nested under run_info.
-    run = latest_run(tmp_path, wait_s=30)  # finish() returns before wandb-core writes the log's tail
+    run = finish_and_read(tmp_path)
     config = run.config
     assert config["d_model"] == 32 and config["seq_len"] == SEQ and config["batch_size"] == BATCH
     assert config["optimizer"] == {"name": "sgd", "betas": [0.9, 0.95]}

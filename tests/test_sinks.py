@@ -7,13 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import wandb
-from callback_helpers import TinyLM, csv_rows, make_loggers, make_trainer
+from callback_helpers import TinyLM, csv_rows, finish_and_read, make_loggers, make_trainer
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from lightning_cs336.callbacks import _sinks
-from lightning_cs336.wandb_reader import latest_run
 
 
 class MyWandbLogger(WandbLogger):
@@ -66,8 +64,7 @@ def test_subclass_of_wandb_logger_gets_wandb_objects(tmp_path: Path, wandb_env: 
     logger = MyWandbLogger(save_dir=str(tmp_path), project="cs336-tests", offline=True)
     assert _sinks.find_logger(make_trainer(tmp_path, [], [logger]), WandbLogger) is logger
     make_trainer(tmp_path, [SinkUser()], [logger], max_steps=1).fit(TinyLM())
-    wandb.finish()
-    run = latest_run(tmp_path, wait_s=5.0)
+    run = finish_and_read(tmp_path)
     assert run.tables["t/rows"]["data"] == [[5, "old"], [7, "new"]]  # W&B gets every row (no appends)
     assert run.summary["s/final"] == 2
     assert not list(tmp_path.rglob("t_rows.jsonl"))  # not the fallback

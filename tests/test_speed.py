@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import math
 import re
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,25 +18,21 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from callback_helpers import RandomTokens, TinyLM, finish_and_read, make_loggers, make_trainer
+from callback_helpers import csv_rows as _csv_rows
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
 from torch.utils.data._utils.collate import default_collate
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from callback_helpers import RandomTokens, TinyLM, make_loggers, make_trainer  # noqa: E402
-from callback_helpers import csv_rows as _csv_rows
-
-import lightning_cs336.callbacks.speed as speed  # noqa: E402
-from lightning_cs336.callbacks._base import first_tensor  # noqa: E402
-from lightning_cs336.callbacks.speed import (  # noqa: E402
+import lightning_cs336.callbacks.speed as speed
+from lightning_cs336.callbacks._base import first_tensor
+from lightning_cs336.callbacks.speed import (
     PEAK_FLOPS,
     SpeedMonitor,
     lookup_peak_flops,
     precision_dtype,
     tf32_enabled,
 )
-from lightning_cs336.wandb_reader import latest_run  # noqa: E402
 
 TOKENS = 8 * 16  # TinyLM batches: 8 samples x 16 tokens
 FETCH, STEP = 0.05, 0.01  # fake seconds per batch fetch and per training step
@@ -128,20 +123,6 @@ def _all(series: dict[int, float], expected: float) -> bool:
 
 def _our_keys(keys: set[str], prefix: str = "") -> set[str]:
     return {k for k in keys if k.startswith(tuple(prefix + f for f in FAMILIES))}
-
-
-def _wandb_run(root: Path) -> Any:
-    """Finish the W&B run and read it back. Offline, ``wandb.finish()`` can return before wandb-core has written the
-    log (seen on a loaded machine: a 7-byte file right after ``finish``), so wait for the run's exit record."""
-    import wandb
-
-    wandb.finish()
-    deadline = time.monotonic() + 60
-    while True:
-        run = latest_run(root)
-        if run.finished or time.monotonic() > deadline:
-            return run
-        time.sleep(0.1)
 
 
 def _speed_warnings(records: list[warnings.WarningMessage]) -> list[str]:
@@ -328,7 +309,7 @@ def test_keys_match_documentation_on_every_logger(tmp_path: Path, wandb_env: Pat
         limit_val_batches=2,
         val_check_interval=4,
     )
-    run = _wandb_run(tmp_path)
+    run = finish_and_read(tmp_path)
     documented = set(SpeedMonitor.METRIC_KEYS)
     assert _our_keys(run.keys()) == documented
     assert _our_keys(set(_csv_rows(trainer)[0])) == documented

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from callback_helpers import TinyLM, make_loggers, make_trainer
+from callback_helpers import TinyLM, finish_and_read, make_loggers, make_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 import lightning_cs336.callbacks as suite
 from lightning_cs336.cli import main
-from lightning_cs336.wandb_reader import latest_run, load_runs
+from lightning_cs336.wandb_reader import load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CALLBACKS = [
@@ -127,10 +127,8 @@ def test_quickstart_config_logs_every_family(tmp_path: Path, tiny_data: Path, mo
         main(args)
     except SystemExit as exit_:
         assert not exit_.code
-    import wandb
 
-    wandb.finish()
-    run = latest_run(tmp_path / "runs/quickstart", wait_s=30)
+    run = finish_and_read(tmp_path / "runs/quickstart")
     assert run.finished
     keys = run.keys()
     for family in ("grad/", "memory/", "time/", "throughput/", "samples/", "weights/", "checkpoint/"):

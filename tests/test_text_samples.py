@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from callback_helpers import (
+    CharTokenizer,
+    RandomTokens,
+    TinyLM,
+    finish_and_read,
+    make_loggers,
+    make_trainer,
+    run_script,
+)
 from lightning.pytorch import Callback, LightningModule
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from callback_helpers import CharTokenizer, RandomTokens, TinyLM, make_loggers, make_trainer  # noqa: E402
-
-from lightning_cs336.callbacks.text_samples import TextSampleLogger  # noqa: E402
-from lightning_cs336.wandb_reader import OfflineRun, latest_run  # noqa: E402
+from lightning_cs336.callbacks.text_samples import TextSampleLogger
+from lightning_cs336.wandb_reader import latest_run
 
 # Keys Lightning itself logs in these runs (TinyLM's train/loss, and the WandbLogger/CSV bookkeeping).
 LIGHTNING_KEYS = {"train/loss", "val/loss", "epoch", "trainer/global_step", "step", "_step", "_runtime", "_timestamp"}
@@ -29,11 +33,6 @@ def _finish_wandb() -> None:
     import wandb
 
     wandb.finish()
-
-
-def _read_run(root: Path) -> OfflineRun:
-    # In wandb 0.31 offline, wandb.finish() returns before wandb-core has written the history and exit record.
-    return latest_run(root, wait_s=30)
 
 
 def _sampler_warnings(records: list[warnings.WarningMessage]) -> list[str]:
@@ -95,7 +94,7 @@ def test_wandb_table_keeps_every_row(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path, [callback], make_loggers(tmp_path, ("wandb",)), max_steps=5)
     trainer.fit(model)
     _finish_wandb()
-    run = _read_run(tmp_path)
+    run = finish_and_read(tmp_path)
 
     # Periodic calls after 2 and 4 optimizer steps, plus the end-of-training call at step 5.
     table = run.tables["samples/generations"]
@@ -263,7 +262,7 @@ def test_module_without_hooks_warns_once_and_trains(tmp_path: Path) -> None:
     assert len(messages) == 1 and "tokenizer" in messages[0]
     assert trainer.global_step == 3
     assert callback.rows == []
-    assert not any(k.startswith("samples/") for k in _read_run(tmp_path).keys())
+    assert not any(k.startswith("samples/") for k in finish_and_read(tmp_path).keys())
 
 
 def test_generate_failure_warns_once_and_trains(tmp_path: Path) -> None:
@@ -352,7 +351,7 @@ def test_resume_keeps_earlier_rows(tmp_path: Path) -> None:
     # The same validation windows are used after the resume.
     assert [row[1] for row in second.rows] == [row[1] for row in first.rows] * 2
     # The resumed run's W&B table holds the earlier rows too.
-    table = _read_run(tmp_path / "b").tables["samples/generations"]
+    table = finish_and_read(tmp_path / "b").tables["samples/generations"]
     assert [row[0] for row in table["data"]] == [2, 2, 4, 4, 6, 6, 8, 8]
 
 
@@ -387,7 +386,6 @@ import sys
 import lightning as L
 import torch
 
-sys.path.insert(0, {tests_dir!r})
 from callback_helpers import FullyShardLayers, TinyLM, make_loggers, two_process_strategy
 from lightning_cs336.callbacks.text_samples import TextSampleLogger
 
@@ -437,26 +435,11 @@ if wandb.run is not None:
 def test_two_process_generates_on_every_rank_logs_once(tmp_path: Path, wandb_env: Path, strategy: str) -> None:
     """Every rank generates, from rank zero's validation windows (broadcast), with the same seed; only rank zero
     logs. Under FSDP2 the forward passes are collectives, so this would hang if only rank zero generated."""
-    import os
-    import socket
-    import subprocess
-    import textwrap
 
     root = tmp_path / "run"
     root.mkdir()
-    script = tmp_path / "train_dist.py"
-    source = _DIST_SCRIPT.format(tests_dir=str(Path(__file__).parent), strategy=strategy, root=str(root))
-    script.write_text(textwrap.dedent(source))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
-        env.pop(var, None)
-    proc = subprocess.run(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    source = _DIST_SCRIPT.format(strategy=strategy, root=str(root))
+    run_script(tmp_path, source)
 
     calls = {
         rank: [json.loads(line) for line in (root / f"calls_rank{rank}.jsonl").read_text().splitlines()]
