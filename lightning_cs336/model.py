@@ -1,5 +1,9 @@
 """The CS336 (Stanford, assignment 1) transformer language model, in one readable file.
 
+Size note (~740 lines): nanoGPT-style, the whole model is meant to be read top to bottom in one file; the CS336
+building blocks keep the assignment's exact class signatures (``Linear``, ``Embedding``, ... each with its own
+``device``/``dtype`` constructor), which is why their constructors look alike.
+
 The architecture is reproduced *exactly*, parameter names and shapes included, so a state dict written by a CS336
 implementation loads here with ``load_state_dict(strict=True)`` and vice versa:
 

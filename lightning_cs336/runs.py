@@ -1,5 +1,8 @@
 """Run queries: load finished (or running, or killed) runs from whatever they left on disk, and ask questions of them.
 
+Size note (~840 lines): four sources read into one ``Run`` (with their de-duplication), the queries and the curve
+plot; split, every part would import the same private value helpers. The CLI front end is ``cli/runs.py``.
+
 Sources, each read into one :class:`Run`:
 
 - ``record``: a local run record (``run.json`` + ``metrics.jsonl`` + ``events.jsonl``, see :mod:`.record`);
