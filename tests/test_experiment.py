@@ -240,3 +240,13 @@ def test_online_without_key_falls_back_offline(tmp_path: Path, tiny_data: Path) 
     proc = _fit(tmp_path, tiny_data, env={"WANDB_MODE": "online"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no W&B API key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unwritable_wandb_dir_falls_back_to_local_logging(
+    offline: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    blocker = offline / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("WANDB_DIR", str(blocker / "wandb"))
+    cfg = expanded(["--config", str(SEED_CONFIG)], capsys)
+    assert classes(cfg["trainer"]["logger"]) == ["RunRecord", "CSVLogger"]
