@@ -187,6 +187,8 @@ def fit_report(
     import torch
     from lightning.pytorch.loggers import WandbLogger
 
+    from lightning_cs336.record import RunRecord
+
     lines = ["", "=" * 80, "cs336: training finished"]
     final = trainer.callback_metrics.get("val/loss")
     if final is not None:
@@ -208,6 +210,10 @@ def fit_report(
                 lines.append(f"    view it:    wandb sync {run_dir}   (uploads the offline run to wandb.ai)")
             else:
                 lines.append(f"    view it:    {getattr(logger.experiment, 'url', '')}")
+        elif isinstance(logger, RunRecord):
+            run_dir = Path(logger.log_dir).resolve()
+            lines.append(f"  run record:   {run_dir}")
+            lines.append(f"    view it:    cs336 runs list {run_dir.parent}   (and compare, plot: cs336 runs --help)")
         elif getattr(logger, "log_dir", None):
             lines.append(f"  {type(logger).__name__}: {Path(logger.log_dir).resolve()}")
     # One process only: with several ranks (FSDP shards the weights) a rank-zero forward would hang or be wrong.
