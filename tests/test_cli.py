@@ -186,3 +186,34 @@ def test_resume_through_cli_and_bad_ckpt_path(fitted, tiny_data, tmp_path, monke
     import torch
 
     assert torch.load(tmp_path / "checkpoints/debug/last.ckpt", weights_only=False)["global_step"] == 30
+
+
+def test_fit_without_config_is_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_main(["fit"]) == 2
+    err = capsys.readouterr().err
+    assert "without --config would train forever" in err and "configs/quickstart.yaml" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "lightning_logs").exists()
+
+
+def test_predict_is_not_offered(capsys) -> None:
+    assert run_main(["--help"]) == 0
+    assert "predict" not in capsys.readouterr().out
+    assert run_main(["predict"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "rule"),
+    [("--temperature", "-1", ">= 0"), ("--top-p", "0", "(0, 1]"), ("--max-new-tokens", "0", "at least 1")],
+)
+def test_generate_rejects_out_of_range_sampling(fitted, option: str, value: str, rule: str, capsys) -> None:
+    work, _ = fitted
+    assert run_main(["generate", "--ckpt", str(work / "checkpoints/debug/last.ckpt"), option, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{option} {value}" in err and rule in err and "Traceback" not in err
+
+
+def test_generate_with_the_default_empty_prompt(fitted, capsys) -> None:
+    work, _ = fitted
+    assert run_main(["generate", "--ckpt", str(work / "checkpoints/debug/last.ckpt"), "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.endswith("\n")  # printed a sample (it may be only whitespace) instead of crashing

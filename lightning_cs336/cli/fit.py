@@ -31,6 +31,13 @@ def _cli_class(no_wandb: bool = False) -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, parser_class=QuietParser, **kwargs)
 
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            # No `predict`: LanguageModel has no predict_step, so the command would only crash (use `cs336 generate`).
+            commands = dict(LightningCLI.subcommands())
+            commands.pop("predict", None)
+            return commands
+
         def add_arguments_to_parser(self, parser: Any) -> None:
             # Values given once: the data's window length follows the model's context, and the model's vocabulary
             # comes from the prepared data's tokenizer (known only once the datamodule has read meta.json).
@@ -67,6 +74,12 @@ def _cli_class(no_wandb: bool = False) -> type:
             subparser = self._subcommand_parsers[subcommand]
             values = self.config[subcommand].clone().as_dict()
             config_files = values.pop("config", None)
+            trainer = values.get("trainer") or {}
+            if not config_files and trainer.get("max_steps", -1) in (-1, None) and trainer.get("max_epochs") is None:
+                raise ValueError(
+                    "cs336 fit without --config would train forever with no validation: pass --config "
+                    "configs/quickstart.yaml (or another config), or at least --trainer.max_steps N"
+                )
             block = values.get("logging")
             null_block = block is None and _block_is_null(config_files)
             # `logging: null`: the block's defaults (the whole suite) with local loggers only, like --no-wandb.
