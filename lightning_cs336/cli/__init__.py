@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-_EXTRA_COMMANDS = ("prepare", "generate", "export-cs336", "import-cs336", "runs")
+_EXTRA_COMMANDS = ("prepare", "generate", "export-cs336", "import-cs336", "runs", "ablate")
 
 
 def default_wandb_mode() -> str:
@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
             from lightning_cs336.cli.runs import runs_main
 
             sys.exit(runs_main(argv[1:]))
+        if command == "ablate":
+            from lightning_cs336.cli.ablate import ablate_main
+
+            sys.exit(ablate_main(argv[1:]))
         # `--no-wandb` (the seed's flag): the same run with local loggers only.
         no_wandb = "--no-wandb" in argv
         argv = [a for a in argv if a != "--no-wandb"]
