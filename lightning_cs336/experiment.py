@@ -25,7 +25,14 @@ __all__ = ["DEFAULT_NAME_TEMPLATE", "LoggingConfig", "expand_fit_config", "rende
 #: The seed's run-name style.
 DEFAULT_NAME_TEMPLATE = "transformer-{num_layers}L-{d_model}D-lr{max_lr}-bs{batch_size}"
 
-_WANDB = "lightning.pytorch.loggers.WandbLogger"
+# Lightning's WandbLogger with W&B failures during training turned into one line (lightning_cs336/loggers.py); a
+# config's own WandbLogger subclass is kept as it is.
+_WANDB = "lightning_cs336.loggers.WandbLogger"
+_LIGHTNING_WANDB = (
+    "lightning.pytorch.loggers.WandbLogger",
+    "lightning.pytorch.loggers.wandb.WandbLogger",
+    "WandbLogger",
+)
 _CALLBACKS = {
     "log_gradient_norms": "lightning_cs336.callbacks.GradientNormMonitor",
     "log_learning_rate": "lightning.pytorch.callbacks.LearningRateMonitor",
@@ -117,16 +124,76 @@ def render_name(template: str, values: dict[str, Any]) -> str:
 
 
 def _unique(parent: Path, name: str) -> str:
-    """``name``, or ``name-2``, ``name-3``... : the first that no run in ``parent`` uses yet.
-
-    Nothing is created here (bad input found later must leave no directory behind); the run record refuses to
-    write into a directory that already holds a record, so two runs started in the same instant cannot mix.
-    """
+    """``name``, or ``name-2``, ``name-3``... : the first that no run in ``parent`` uses yet (nothing is created)."""
     for i in range(1, 10_000):
         candidate = name if i == 1 else f"{name}-{i}"
         if not (parent / candidate).exists():
             return candidate
     raise ValueError(f"more than 10000 runs named {name!r} in {parent}: choose another logging.experiment_name")
+
+
+def _claim(parent: Path, name: str) -> str:
+    """Like :func:`_unique`, but takes the name with an exclusive ``mkdir``, so two runs started at the same instant
+    never get the same directory. The empty directory is removed again at exit when the run never wrote into it
+    (bad input found later leaves nothing behind)."""
+    import atexit
+
+    if not _CLAIMED:
+        atexit.register(release_claims)
+    created = []  # the folders made here, deepest first, so that a release removes them all again
+    probe = parent.absolute()
+    while not probe.exists():
+        created.append(probe)
+        probe = probe.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for i in range(1, 10_000):
+        candidate = name if i == 1 else f"{name}-{i}"
+        try:
+            (parent / candidate).mkdir()
+        except FileExistsError:
+            continue
+        _CLAIMED.extend([parent / candidate, *created])
+        return candidate
+    raise ValueError(f"more than 10000 runs named {name!r} in {parent}: choose another logging.experiment_name")
+
+
+_CLAIMED: list[Path] = []
+
+
+def release_claims() -> None:
+    """Remove the run directories this process claimed and never wrote into (the CLI calls it on bad input)."""
+    while _CLAIMED:
+        try:
+            _CLAIMED.pop(0).rmdir()  # only when empty: a run that wrote anything keeps its directory
+        except OSError:
+            pass
+
+
+def _rank() -> int:
+    """This process's rank from the launcher's environment (0 before any launcher ran)."""
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        value = os.environ.get(key)
+        if value and value.isdigit() and (key != "SLURM_PROCID" or "SLURM_NTASKS" in os.environ):
+            if int(value):
+                return int(value)
+    return 0
+
+
+def _run_of_checkpoint(ckpt_path: str | None) -> Path | None:
+    """The run directory a checkpoint file belongs to (``<run>/checkpoints/x.ckpt`` with ``<run>/run.json``)."""
+    if not ckpt_path or not os.path.isfile(ckpt_path):
+        return None
+    run_dir = Path(ckpt_path).resolve().parent.parent
+    return run_dir if (run_dir / "run.json").is_file() else None
+
+
+def _recorded_wandb_id(run_dir: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("wandb_run_id") or None
+    except (OSError, ValueError):
+        return None
 
 
 def _check_writable(path: Path, what: str) -> None:
@@ -153,7 +220,13 @@ def _short(class_path: str) -> str:
 
 
 def expand_fit_config(
-    cfg: dict[str, Any], block: dict[str, Any] | None, no_wandb: bool, *, resume: bool = False, claim: bool = True
+    cfg: dict[str, Any],
+    block: dict[str, Any] | None,
+    no_wandb: bool,
+    *,
+    resume: bool = False,
+    claim: bool = True,
+    ckpt_path: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Expand the ``logging:`` block and the W&B environment into the plain Lightning config of ``cs336 fit``.
 
@@ -161,8 +234,9 @@ def expand_fit_config(
         cfg: The ``fit`` config as a dict (``trainer``, ``model``, ``data``, ...); not modified.
         block: The ``logging:`` block as a dict (the fields of :class:`LoggingConfig`), or None without one.
         no_wandb: ``--no-wandb`` or ``logging: null``: local loggers only.
-        resume: A resumed run (``--ckpt_path``): the run keeps its name instead of getting a fresh one.
-        claim: Create the run directory (False for ``--print_config``, which must write nothing).
+        resume: A resumed run (``--ckpt_path``): the run keeps its name (and its W&B run) instead of a fresh one.
+        claim: Take the run directory (False for ``--print_config``, which must write nothing).
+        ckpt_path: The checkpoint resumed from: a file inside a run's ``checkpoints/`` resumes that run.
 
     Returns:
         The expanded config, and facts for the CLI: ``run_dir``, ``run_name``, ``project``, ``wandb`` (None, or why
@@ -240,15 +314,34 @@ def expand_fit_config(
     agree("experiment_name", b["experiment_name"], "trainer.logger WandbLogger name", wandb_args.get("name"))
     name = render_name(template, values)
     parent = root / project
-    if claim:
+    resumed_dir = _run_of_checkpoint(ckpt_path) if resume else None
+    if resumed_dir is not None:  # `--ckpt_path runs/p/name/checkpoints/last.ckpt`: continue that run
+        parent, name = resumed_dir.parent, resumed_dir.name
+    if _rank() and os.environ.get("CS336_RUN_NAME"):
+        # A process the DDP launcher started for another rank: rank zero chose the name (and made the directory).
+        name = os.environ["CS336_RUN_NAME"]
+    elif claim:
         _check_writable(parent, "the run directory")
-        name = name if resume and (parent / name).exists() else _unique(parent, name)
+        if not (resume and (parent / name).exists()) and not _rank():
+            name = _claim(parent, name)
+        os.environ["CS336_RUN_NAME"] = name  # inherited by the processes Lightning launches for the other ranks
     run_dir = parent / name
+    # Lightning's own files (SLURM's hpc_ckpt_N.ckpt, profiler output) belong to the run, not a shared folder.
+    trainer["default_root_dir"] = str(run_dir)
+    plugins = trainer.get("plugins")
+    plugins = [] if plugins is None else (list(plugins) if isinstance(plugins, list) else [plugins])
+    if not any("CheckpointIO" in _class(p) or "CheckpointIO" in str(p) for p in plugins):
+        plugins.append({"class_path": "lightning_cs336.callbacks.preemption.AtomicCheckpointIO"})
+    trainer["plugins"] = plugins
+    if not any(_short(_class(cb)) == "PreemptionCheckpoint" for cb in callbacks):
+        callbacks.append({"class_path": "lightning_cs336.callbacks.preemption.PreemptionCheckpoint"})
     for cb in callbacks:
         if _short(_class(cb)) == "ModelCheckpoint":
             args = cb.setdefault("init_args", {})
             if not args.get("dirpath"):
                 args["dirpath"] = str(run_dir / "checkpoints")
+            elif claim:
+                _check_writable(Path(args["dirpath"]), "ModelCheckpoint dirpath")
 
     # Loggers: the run record always; W&B unless switched off; CSV when W&B is off.
     off = "--no-wandb" if no_wandb else wandb_disabled()
@@ -270,12 +363,19 @@ def expand_fit_config(
             **wandb_args,
             "project": project,
             "name": name,
-            "save_dir": wandb_args.get("save_dir") or str(run_dir),
+            # "." is WandbLogger's default, filled in by the parser when the config names none: not a choice.
+            "save_dir": wandb_args.get("save_dir")
+            if wandb_args.get("save_dir") not in (None, "", ".")
+            else str(run_dir),
         }
         wandb_init.update(
             {k: v for k, v in (("entity", entity), ("tags", tags), ("notes", notes), ("group", group)) if v}
         )
-        new_loggers.insert(0, {"class_path": _WANDB, "init_args": wandb_init})
+        recorded_id = _recorded_wandb_id(run_dir) if resume else None
+        if recorded_id and not (wandb_init.get("id") or wandb_init.get("version")):
+            wandb_init["id"] = recorded_id  # the resumed run continues its W&B run (WandbLogger: resume="allow")
+        own = _class(wandb_entries[0]) if wandb_entries else _WANDB
+        new_loggers.insert(0, {"class_path": _WANDB if own in _LIGHTNING_WANDB else own, "init_args": wandb_init})
     else:
         info["wandb"] = off
         if not any(_short(_class(e)) == "CSVLogger" for e in others):

@@ -251,6 +251,9 @@ class LanguageModel(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A resumed run draws the same random numbers (sampling, dropout if added) as an uninterrupted one would:
+        # Lightning restores the loops, optimizer, scheduler and callbacks, but not the RNGs.
+        checkpoint["rng_states"] = _rng_states()
         # Self-contained checkpoints: `cs336 generate --ckpt` needs no data directory.
         if self.tokenizer is not None and hasattr(self.tokenizer, "to_str"):
             checkpoint["tokenizer"] = self.tokenizer.to_str()
@@ -258,6 +261,8 @@ class LanguageModel(L.LightningModule):
         checkpoint["state_dict"] = {k.replace("._orig_mod.", "."): v for k, v in checkpoint["state_dict"].items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "rng_states" in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            _set_rng_states(checkpoint["rng_states"])
         if "tokenizer" in checkpoint and self.tokenizer is None:
             from lightning_cs336.data import Tokenizer
 
@@ -275,6 +280,41 @@ class LanguageModel(L.LightningModule):
                     f"checkpoint has {key} {tuple(value.shape)} but the model expects {expected[key]}: the checkpoint "
                     "is from a different architecture; pass the model config it was trained with"
                 )
+
+
+def _rng_states() -> dict[str, Any]:
+    """torch, CUDA, numpy and Python RNG states in types ``torch.load(weights_only=True)`` accepts (Lightning's own
+    ``_collect_rng_states`` keeps numpy's state as an ndarray, which a weights-only load refuses)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    if "torch" in states:
+        torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    if "numpy" in states:
+        kind, keys, pos, has_gauss, cached = states["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "python" in states:
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
 
 
 def _decay_split(model: torch.nn.Module, decay_all: bool) -> tuple[list[str], list[str]]:

@@ -50,8 +50,8 @@ __all__ = ["FORMAT_VERSION", "RecordedRun", "RunRecord", "STATES", "read_jsonl",
 
 FORMAT_VERSION = 1
 RUN_FILE, METRICS_FILE, EVENTS_FILE = "run.json", "metrics.jsonl", "events.jsonl"
-#: Every state a run can be in. ``killed``: the process ended without saying so (SIGKILL, OOM, power loss) or was
-#: interrupted from the keyboard; ``preempted``: stopped by a termination signal (SIGTERM, a scheduler's requeue).
+#: Every state a run can be in. ``killed``: the process ended without saying so (SIGKILL, OOM, power loss);
+#: ``preempted``: stopped by a signal it handled (SIGTERM, SIGINT/Ctrl+C, SLURM's requeue signal), resumable.
 STATES = ("running", "finished", "failed", "killed", "preempted")
 
 
@@ -89,8 +89,8 @@ def _state_from_exception() -> tuple[str, str | None]:
     name = type(err).__name__
     if name == "SIGTERMException":  # Lightning raises it after SIGTERM (lightning.pytorch.utilities.exceptions)
         return "preempted", "SIGTERM"
-    if isinstance(err, KeyboardInterrupt):
-        return "killed", "KeyboardInterrupt"
+    if isinstance(err, KeyboardInterrupt):  # SIGINT (Ctrl+C): stopped on purpose, resumable like a preemption
+        return "preempted", "SIGINT"
     return "failed", f"{name}: {err}"[:500]
 
 
@@ -132,6 +132,7 @@ class RunRecord(Logger):
         self._save_dir = Path(save_dir)
         self._name = name or time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
         self._resume = resume
+        self._resumed_at: int | None = None  # metrics.jsonl lines before this segment, until its first step
         self._meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "name": self._name,
@@ -206,6 +207,11 @@ class RunRecord(Logger):
         self._last_step = step
         row = {"step": step, "time": round(time.time(), 3)}
         row.update({k: _json_value(v) for k, v in metrics.items() if k not in ("step", "time")})
+        if self._resumed_at is not None:
+            # The first step logged after a resume: rows the interrupted segment logged at this step or later (between
+            # its last checkpoint and its end) are superseded; readers drop them, so each step appears once.
+            self._event("resume", step=step, metrics_line=self._resumed_at)
+            self._resumed_at = None
         self._append(METRICS_FILE, row)
 
     @rank_zero_only
@@ -250,7 +256,12 @@ class RunRecord(Logger):
     def finalize(self, status: str) -> None:
         if not self._started:
             return
-        state, reason = ("finished", None) if status == "success" else _state_from_exception()
+        if status == "success":
+            state, reason = "finished", None
+        elif status == "finished":  # Lightning's SLURM requeue handler (SIGUSR1) finalizes with "finished"
+            state, reason = "preempted", "SLURM requeue signal"
+        else:
+            state, reason = _state_from_exception()
         self.set_state(state, reason)
         for fh in self._files.values():
             fh.close()
@@ -292,6 +303,8 @@ class RunRecord(Logger):
             keep = ("id", "created_at", "config", "hparams", "summary", "wandb_run_id")
             self._meta.update({k: old[k] for k in keep if k in old})
             self._meta.update(state="running", ended_at=None, pid=os.getpid(), host=socket.gethostname())
+            metrics = directory / METRICS_FILE
+            self._resumed_at = sum(1 for _ in read_jsonl(metrics)) if metrics.exists() else 0
         self._started = True
         self._write_meta()
 
@@ -405,4 +418,20 @@ def read_record(path: str | os.PathLike[str]) -> RecordedRun:
         ) from err
     if not isinstance(meta, dict) or "format_version" not in meta:
         raise ValueError(f"{run_file} is not a run record (no format_version)")
-    return RecordedRun(path, meta, list(read_jsonl(path / METRICS_FILE)), list(read_jsonl(path / EVENTS_FILE)))
+    events = list(read_jsonl(path / EVENTS_FILE))
+    return RecordedRun(path, meta, _resumed_history(list(read_jsonl(path / METRICS_FILE)), events), events)
+
+
+def _resumed_history(rows: list[dict[str, Any]], events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The metric rows with each resume applied: a resumed segment that starts logging at step ``s`` supersedes the
+    rows of the earlier segments at ``s`` and later (logged after the checkpoint it resumed from)."""
+    kept: list[dict[str, Any]] = []
+    done = 0
+    for event in events:
+        if event.get("event") != "resume" or not isinstance(event.get("metrics_line"), int):
+            continue
+        line, step = event["metrics_line"], event.get("step")
+        kept.extend(rows[done:line])
+        kept = [r for r in kept if not (isinstance(step, int) and r.get("step", -1) >= step)]
+        done = max(done, line)
+    return kept + rows[done:]

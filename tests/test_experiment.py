@@ -118,8 +118,12 @@ def test_plain_lightning_config_keeps_working(offline: Path, capsys: pytest.Capt
     cfg = expanded(["--config", str(ROOT / "configs/debug.yaml")], capsys)
     loggers = cfg["trainer"]["logger"]
     assert classes(loggers) == ["WandbLogger", "RunRecord"]
-    assert loggers[0]["init_args"]["save_dir"] == "runs/debug"  # the config's own choices are kept
+    assert loggers[0]["init_args"]["project"] == "cs336-debug"  # the config's own choices are kept
+    assert loggers[0]["init_args"]["save_dir"] == "runs/cs336-debug/debug"  # "." (unset) is the run's directory
     assert cfg["trainer"]["log_every_n_steps"] == 5
+    assert cfg["trainer"]["default_root_dir"] == "runs/cs336-debug/debug"
+    assert "PreemptionCheckpoint" in classes(cfg["trainer"]["callbacks"])
+    assert classes(cfg["trainer"]["plugins"]) == ["AtomicCheckpointIO"]
 
 
 # ------------------------------------------------------------------------------------------------ environment

@@ -72,7 +72,7 @@ def test_failed_run_is_failed_and_keeps_its_rows(tmp_path: Path) -> None:
     assert run.events_of("state")[-1]["reason"] == "RuntimeError: boom"
 
 
-def test_keyboard_interrupt_is_killed_not_finished(tmp_path: Path) -> None:
+def test_keyboard_interrupt_is_preempted_not_finished(tmp_path: Path) -> None:
     class CtrlC(Callback):
         def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
             if trainer.global_step == 2:
@@ -82,7 +82,7 @@ def test_keyboard_interrupt_is_killed_not_finished(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         make_trainer(tmp_path, [CtrlC()], [record], max_steps=10).fit(TinyLM())
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignores further Ctrl+C after the first
-    assert read_record(tmp_path / "ctrl-c").state == "killed"
+    assert read_record(tmp_path / "ctrl-c").state == "preempted"
 
 
 def test_refuses_to_overwrite_and_resumes(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-_EXTRA_COMMANDS = ("prepare", "generate", "export-cs336", "import-cs336", "runs", "ablate")
+_EXTRA_COMMANDS = ("prepare", "generate", "export-cs336", "import-cs336", "runs", "ablate", "sweep")
 
 
 def default_wandb_mode() -> str:
@@ -69,23 +69,48 @@ def main(argv: list[str] | None = None) -> None:
             from lightning_cs336.cli.ablate import ablate_main
 
             sys.exit(ablate_main(argv[1:]))
+        if command == "sweep":
+            from lightning_cs336.cli.sweep import sweep_main
+
+            sys.exit(sweep_main(argv[1:]))
         # `--no-wandb` (the seed's flag): the same run with local loggers only.
         no_wandb = "--no-wandb" in argv
         argv = [a for a in argv if a != "--no-wandb"]
         default_wandb_mode()
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        from lightning_cs336.callbacks.preemption import CheckpointWriteError
         from lightning_cs336.cli.fit import _cli_class
         from lightning_cs336.data import TokenDataModule
         from lightning_cs336.module import LanguageModel
 
-        _cli_class(no_wandb=no_wandb)(
-            LanguageModel,
-            TokenDataModule,
-            args=argv,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"epilog": f"Other commands: {', '.join(_EXTRA_COMMANDS)} (each with --help)."},
-        )
+        try:
+            cli = _cli_class(no_wandb=no_wandb)(
+                LanguageModel,
+                TokenDataModule,
+                args=argv,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={"epilog": f"Other commands: {', '.join(_EXTRA_COMMANDS)} (each with --help)."},
+            )
+        except SIGTERMException:
+            # Lightning's SIGTERMException is a SystemExit with status 0: a scheduler would read the preempted run as
+            # finished. 143 (128 + SIGTERM) is what a process killed by SIGTERM reports.
+            from lightning_cs336.experiment import note
+
+            note("stopped by SIGTERM (preempted): the run record says preempted; resume with --ckpt_path last")
+            sys.exit(143)
+        except CheckpointWriteError as err:
+            print(f"cs336: error: {err}", file=sys.stderr)
+            sys.exit(1)
+        stopped = getattr(cli, "stopped_reason_", None)
+        if stopped:
+            print(f"cs336: error: {stopped}", file=sys.stderr)
+            sys.exit(1)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, _ArtifactError) as err:
         # Bad input gets one line naming the problem and the fix; CS336_TRACEBACK=1 shows where it came from.
+        from lightning_cs336.experiment import release_claims
+
+        release_claims()  # no empty run directory is left behind
         if os.environ.get("CS336_TRACEBACK"):
             raise
         print(f"cs336: error: {err}", file=sys.stderr)

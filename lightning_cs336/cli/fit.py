@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from lightning_cs336 import experiment
 
@@ -50,6 +50,14 @@ def _cli_class(no_wandb: bool = False) -> type:
                 help="fit only: run validation once before training, so the curves start at the untrained loss",
             )
             parser.add_argument(
+                "--ckpt_hparams",
+                type=Literal["config", "checkpoint"],
+                default="config",
+                help="fit/validate/test with --ckpt_path: `config` (default) builds the model from the config and "
+                "stops with an error naming every model option that differs from the checkpoint's; `checkpoint` "
+                "takes the checkpoint's model options instead (needs a checkpoint file, not `last`)",
+            )
+            parser.add_argument(
                 "--logging",
                 type=Optional[experiment.LoggingConfig],  # noqa: UP045 (jsonargparse resolves this form everywhere)
                 default=None,
@@ -89,6 +97,7 @@ def _cli_class(no_wandb: bool = False) -> type:
                 no_wandb or null_block,
                 resume=bool(values.get("ckpt_path")),
                 claim=claim,
+                ckpt_path=values.get("ckpt_path"),
             )
             if claim:
                 _wandb_fallback(self.run_info_)
@@ -96,6 +105,13 @@ def _cli_class(no_wandb: bool = False) -> type:
             if config_files is not None:
                 namespace["config"] = self.config[subcommand].get("config")
             self.config[subcommand] = namespace
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI replaces the config's model options with the checkpoint's, silently (a `--model.d_model 64`
+            # given on the command line is dropped). Only when asked; otherwise before_fit compares them.
+            subcommand = self.config.get("subcommand")
+            if subcommand and self.config[subcommand].get("ckpt_hparams") == "checkpoint":
+                super()._parse_ckpt_path()
 
         def _resolve_ckpt_path(self) -> None:
             # `--ckpt_path` may be a W&B artifact reference (`entity/project/model-<run>:best`): download it first.
@@ -105,6 +121,11 @@ def _cli_class(no_wandb: bool = False) -> type:
             kwargs = self.config_init[self.subcommand]
             if kwargs.get("ckpt_path"):
                 kwargs["ckpt_path"] = str(resolve_checkpoint(kwargs["ckpt_path"]))
+                if kwargs["ckpt_path"] == "last":
+                    kwargs["ckpt_path"] = _newest_last(self.trainer) or "last"
+                if os.path.isfile(kwargs["ckpt_path"]):
+                    _check_resume(self.trainer, self.model, kwargs["ckpt_path"], self.subcommand,
+                                  self.config[self.subcommand].get("ckpt_hparams") == "checkpoint")  # fmt: skip
 
         def before_validate(self) -> None:
             self._resolve_ckpt_path()
@@ -122,6 +143,16 @@ def _cli_class(no_wandb: bool = False) -> type:
                 self.initial_metrics = self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)[0]
 
         def after_fit(self) -> None:
+            # A callback that stopped the run on purpose (a loss spike, NaN) says why: the command then fails.
+            reasons = [getattr(cb, "stopped_reason", None) for cb in self.trainer.callbacks]
+            self.stopped_reason_ = next((r for r in reasons if r), None)
+            if self.stopped_reason_:
+                from lightning_cs336.record import RunRecord
+
+                for logger in self.trainer.loggers:
+                    if isinstance(logger, RunRecord):
+                        logger.set_state("failed", self.stopped_reason_)
+                return
             if self.trainer.is_global_zero:
                 print(fit_report(self.trainer, self.model, initial=getattr(self, "initial_metrics", None)))
 
@@ -151,6 +182,71 @@ def _cli_class(no_wandb: bool = False) -> type:
                 wandb_loggers[0].experiment.log_code(str(Path(experiment.__file__).resolve().parent))
 
     return CS336CLI
+
+
+def _newest_last(trainer: Any) -> str | None:
+    """What ``ckpt_path="last"`` resumes: the newest of the ModelCheckpoints' ``last`` files and Lightning's SLURM
+    ``hpc_ckpt_N.ckpt`` in the run directory (the same rule as Lightning's, with the requeue checkpoint added)."""
+    import glob
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    candidates: set[str] = set()
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint):
+            candidates |= set(cb._find_last_checkpoints(trainer))
+    candidates |= set(glob.glob(os.path.join(str(trainer.default_root_dir), "hpc_ckpt_*.ckpt")))
+    existing = [c for c in candidates if os.path.isfile(c)]
+    return max(existing, key=os.path.getmtime) if existing else None
+
+
+#: Options that may change on resume: they do not change what the checkpoint holds.
+_RESUMABLE_CHANGES = {"compile"}
+
+
+def _check_resume(trainer: Any, module: Any, ckpt_path: str, subcommand: str, take_checkpoint: bool) -> None:
+    """Before anything trains: the checkpoint loads, its model options are the config's, and steps are left.
+
+    Raises:
+        ValueError: If the checkpoint is not a Lightning checkpoint, its model options differ from the config's (each
+            named), or (fit) it is already at ``max_steps``.
+    """
+    import torch
+
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 (torch raises many kinds for a corrupt file; all mean the same here)
+        raise ValueError(
+            f"checkpoint {ckpt_path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:120]}): "
+            "it is corrupt or not a checkpoint; pass another --ckpt_path (e.g. the run's last.ckpt)"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(
+            f"checkpoint {ckpt_path} is not a Lightning checkpoint (no state_dict); a CS336 file needs "
+            "`cs336 import-cs336` first"
+        )
+    saved = ckpt.get("hyper_parameters") or {}
+    current = dict(module.hparams)
+    differ = [
+        f"model.{k}: config {current[k]!r}, checkpoint {saved[k]!r}"
+        for k in sorted(set(saved) & set(current))
+        if k not in _RESUMABLE_CHANGES and not k.startswith("_") and _norm(saved[k]) != _norm(current[k])
+    ]
+    if differ and not take_checkpoint:
+        raise ValueError(
+            f"the config's model differs from the checkpoint's ({'; '.join(differ)}): use the options the "
+            "checkpoint was trained with, or pass --ckpt_hparams checkpoint to take the checkpoint's"
+        )
+    step = int(ckpt.get("global_step", 0))
+    if subcommand == "fit" and trainer.max_steps not in (-1, None) and step >= trainer.max_steps:
+        raise ValueError(
+            f"checkpoint {ckpt_path} is at step {step} and trainer.max_steps is {trainer.max_steps}: nothing left to "
+            f"train; pass a larger --trainer.max_steps to continue"
+        )
+
+
+def _norm(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _block_is_null(config_files: Any) -> bool:
@@ -207,16 +303,22 @@ def fit_report(
     if final is not None:
         start = f"{initial['val/loss']:.4f} before training -> " if initial and "val/loss" in initial else ""
         lines.append(f"  val/loss:     {start}{float(final):.4f} at step {trainer.global_step}")
-    ckpt = trainer.checkpoint_callback
-    if ckpt is not None and (ckpt.best_model_path or ckpt.last_model_path):
-        lines.append(f"  checkpoints:  {Path(ckpt.dirpath).resolve()}")
-        if ckpt.best_model_path:
-            score = f" ({ckpt.monitor}={float(ckpt.best_model_score):.4f})" if ckpt.best_model_score is not None else ""
-            lines.append(f"    best:       {ckpt.best_model_path}{score}")
-        if ckpt.last_model_path:
-            lines.append(f"    last:       {ckpt.last_model_path}")
+    saving = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    best = next((cb for cb in saving if getattr(cb, "best_model_path", "")), None)
+    last = next((cb.last_model_path for cb in saving if getattr(cb, "last_model_path", "")), None)
+    if best is not None or last:
+        lines.append(f"  checkpoints:  {Path(saving[0].dirpath).resolve()}")
+        if best is not None:
+            score = f" ({best.monitor}={float(best.best_model_score):.4f})" if best.best_model_score is not None else ""
+            lines.append(f"    best:       {best.best_model_path}{score}")
+        if last:
+            lines.append(f"    last:       {last}")
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
+        if isinstance(logger, WandbLogger) and getattr(logger, "failure", None) is not None:
+            lines.append(
+                f"  W&B run:      stopped at a W&B failure ({type(logger.failure).__name__}); see the run record"
+            )
+        elif isinstance(logger, WandbLogger):
             run_dir = Path(logger.experiment.dir).parent.resolve()
             lines.append(f"  W&B run:      {run_dir}")
             if os.environ.get("WANDB_MODE") == "offline":

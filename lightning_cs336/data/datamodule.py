@@ -70,6 +70,8 @@ class TokenDataModule(L.LightningDataModule):
         self._train_ds: RandomWindowDataset | None = None
         self._val_ds: FixedWindowDataset | None = None
         self._test_ds: FixedWindowDataset | None = None
+        self._train_batches = 0  # training batches consumed: the stream position a checkpoint keeps
+        self._resume_batches: int | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -134,7 +136,31 @@ class TokenDataModule(L.LightningDataModule):
         """Infinite loader of random windows; bound training with ``max_steps``."""
         if self._train_ds is None:
             self.setup("fit")
+        if self._resume_batches:
+            self._train_ds.resume_after(self._resume_batches, self.batch_size)
+        self._resume_batches = None
         return self._loader(self._train_ds)
+
+    # ------------------------------------------------------------------------------------------------ resume
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Counted here (once per batch the loop consumes, in the main process), not from Lightning's loop progress,
+        # whose counters are rewound differently depending on where the checkpoint was taken.
+        if self.trainer is not None and self.trainer.training:
+            self._train_batches += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position (Lightning saves it in every checkpoint)."""
+        return {"train_batches": self._train_batches, "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the training stream where the checkpoint left it (not from its first window again)."""
+        batches = int(state_dict.get("train_batches", 0))
+        if state_dict.get("batch_size", self.batch_size) != self.batch_size or state_dict.get("seed", self.seed) != (
+            self.seed
+        ):
+            return  # a different stream (new seed or batch size): starting it afresh is the only consistent choice
+        self._train_batches = self._resume_batches = batches
 
     def val_dataloader(self) -> DataLoader:
         """Loader over the fixed validation windows."""
