@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DATA ?= data/quickstart
 PYTEST_ARGS ?=
 
-.PHONY: venv quickstart test lint clean bench browser
+.PHONY: venv quickstart test lint clean bench bench-all gpu-check browser
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,16 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/bench_callbacks.py
+	$(BIN)/python benchmarks/bench_callbacks.py --models quickstart,deep --threads 1
+
+bench-all: bench
+	$(BIN)/python benchmarks/bench_floor.py --threads 1
+	$(BIN)/python benchmarks/bench_generate.py --threads 1
+	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_record.py
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs checkpoints data/quickstart

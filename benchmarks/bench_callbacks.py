@@ -1,59 +1,60 @@
-"""What does telemetry cost? Training tokens/s of the quickstart model under three callback sets.
+"""What does telemetry cost? Training tokens/s under three callback sets, on the quickstart model and a deep narrow
+one, plus where the suite's per-step time goes (hook by hook: microseconds, tensor ops, host reads).
 
-Configurations, all with the same logger (W&B offline) and the same model, data and Trainer settings:
+Configurations, all with the same W&B offline logger and the same model, data and Trainer settings:
 
 - ``logger-only``: no callbacks (only ``train/loss`` logged by the module itself).
-- ``suite``: lightning-cs336's full suite as in ``configs/callbacks/telemetry.yaml`` (gradient norms, memory, speed,
-  run info, text samples, histograms, checkpoint artifacts) plus Lightning's ``LearningRateMonitor``.
+- ``suite``: every callback class exported by ``lightning_cs336.callbacks`` (so callbacks added later are included)
+  with the settings of ``configs/callbacks/telemetry.yaml`` (histograms every 100 steps so that one falls inside the
+  timed steps; one text prompt of 32 tokens every 500 steps), Lightning's ``LearningRateMonitor``, and the run record
+  (``RunRecord``) as a second logger.
 - ``builtin``: Lightning's built-in set — ``LearningRateMonitor``, ``DeviceStatsMonitor(cpu_stats=True)``,
   ``ThroughputMonitor`` and per-parameter ``grad_norm`` logged with ``self.log_dict`` every step (Lightning's
   documented recipe).
 
-The configurations run interleaved over several rounds (so drift of the machine hits all of them alike); each run
-times steps ``warmup..max_steps`` with its own clock, independent of the callbacks under test. Results: medians and
-ratios to ``logger-only`` measured in the same invocation.
+Each run times steps ``warmup..steps`` with its own clock (independent of the callbacks under test). After the
+interleaved rounds, one more suite run measures every per-step hook with ``perf_counter`` (``HookMeter``), and a
+short one counts the aten ops and host reads inside each hook (noise-free). Last, the gradient-norm pass is timed
+against the gradient clipping the Trainer already does.
 
-    python benchmarks/bench_callbacks.py --rounds 6 --steps 120   # or: make bench
+    python benchmarks/bench_callbacks.py --models quickstart --rounds 3 --steps 100   # or: make bench
+    python benchmarks/bench_callbacks.py --models deep --rounds 3 --steps 100
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("WANDB_SILENT", "true")
-os.environ.setdefault("WANDB_CONSOLE", "off")
-os.environ.setdefault("WANDB_DISABLE_GIT", "true")
-os.environ.setdefault("WANDB_DISABLE_CODE", "true")
-os.environ.setdefault("WANDB_X_DISABLE_STATS", "true")
-os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from _common import (
+    MODELS,
+    CpuClock,
+    HookMeter,
+    add_threads_arg,
+    apply_threads,
+    column,
+    command_line,
+    interleaved,
+    machine_line,
+    ratio_table,
+)  # noqa: E402
 from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ThroughputMonitor  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import grad_norm  # noqa: E402
 from torch.utils.data import DataLoader, IterableDataset  # noqa: E402
 
-from lightning_cs336.callbacks import (  # noqa: E402
-    CheckpointArtifactLogger,
-    GradientNormMonitor,
-    HistogramLogger,
-    MemoryMonitor,
-    RunInfoLogger,
-    SpeedMonitor,
-    TextSampleLogger,
-)
+import lightning_cs336.callbacks as suite  # noqa: E402
 from lightning_cs336.module import LanguageModel  # noqa: E402
-
-QUICKSTART = dict(vocab_size=2048, context_length=128, d_model=128, num_layers=4, num_heads=4, d_ff=344)
+from lightning_cs336.record import RunRecord  # noqa: E402
 
 
 class RandomWindows(IterableDataset):
@@ -89,36 +90,40 @@ class BuiltinGradNormLM(LanguageModel):
 
 
 class Clock(L.Callback):
-    """Wall time of training steps ``warmup..end`` (validation is off, so nothing else runs in between)."""
+    """Wall and CPU time of training steps ``warmup..end`` (validation is off, so nothing else runs in between)."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.steps, self.end = warmup, 0.0, 0, 0.0
+        self.warmup, self.steps, self.clock = warmup, 0, CpuClock()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.warmup:
-            self.start = time.perf_counter()
+            self.clock.start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx >= self.warmup:
             self.steps = batch_idx - self.warmup + 1
-            self.end = time.perf_counter()
+            self.clock.stop()
+
+
+# Settings of configs/callbacks/telemetry.yaml, with the periodic ones moved so one falls inside the timed steps.
+SUITE_KWARGS = {
+    "GradientNormMonitor": dict(per_layer_depth=3),
+    "TextSampleLogger": dict(log_every_n_steps=500, prompts=["def "], max_new_tokens=32),
+    "HistogramLogger": dict(log_every_n_steps=100),
+}
 
 
 def suite_callbacks() -> list[L.Callback]:
-    """The suite with the settings of configs/callbacks/telemetry.yaml."""
-    return [
-        LearningRateMonitor(logging_interval="step"),
-        GradientNormMonitor(per_layer_depth=3),
-        MemoryMonitor(),
-        SpeedMonitor(),
-        RunInfoLogger(),
-        TextSampleLogger(log_every_n_steps=500, prompts=["def "], max_new_tokens=32),
-        HistogramLogger(log_every_n_steps=100),
-        CheckpointArtifactLogger(),
-    ]
+    """Every callback class in ``lightning_cs336.callbacks.__all__`` plus Lightning's LearningRateMonitor."""
+    out: list[L.Callback] = [LearningRateMonitor(logging_interval="step")]
+    for name in suite.__all__:
+        cls = getattr(suite, name)
+        if inspect.isclass(cls) and issubclass(cls, L.Callback) and cls is not suite.TelemetryCallback:
+            out.append(cls(**SUITE_KWARGS.get(name, {})))
+    return out
 
 
-def builtin_callbacks(batch_size: int, context_length: int) -> list[L.Callback]:
+def builtin_callbacks() -> list[L.Callback]:
     return [
         LearningRateMonitor(logging_interval="step"),
         DeviceStatsMonitor(cpu_stats=True),
@@ -126,24 +131,28 @@ def builtin_callbacks(batch_size: int, context_length: int) -> list[L.Callback]:
     ]
 
 
-def run_once(config: str, args: argparse.Namespace, root: Path, profiler=None) -> float:
+def run_once(
+    config: str, model: str, args: argparse.Namespace, root: Path, steps: int | None = None, meter: str = ""
+) -> tuple[tuple[float, float], HookMeter | None, L.LightningModule]:
+    """One fit; returns ((tokens per wall second, tokens per CPU second) over the timed steps, the hook meter if
+    asked for, the module)."""
     torch.manual_seed(0)
+    shape = MODELS[model]
     cls = BuiltinGradNormLM if config == "builtin" else LanguageModel
-    module = cls(**QUICKSTART, warmup_steps=10)
+    module = cls(**shape, warmup_steps=10)
     module.tokenizer = Tokenizer()
-    callbacks: list[L.Callback] = {
-        "logger-only": [],
-        "suite": suite_callbacks(),
-        "builtin": builtin_callbacks(args.batch_size, QUICKSTART["context_length"]),
-    }[config]
+    callbacks = {"logger-only": [], "suite": suite_callbacks(), "builtin": builtin_callbacks()}[config]
+    hook_meter = HookMeter(callbacks, count_ops=meter == "ops") if meter else None
     clock = Clock(args.warmup)
-    logger = WandbLogger(save_dir=str(root), project="bench", name=config)
+    loggers: list = [WandbLogger(save_dir=str(root), project="bench", name=config)]
+    if config == "suite":
+        loggers.append(RunRecord(root, name=config))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=args.steps,
+        max_steps=steps or args.steps,
         log_every_n_steps=args.log_every_n_steps,
-        logger=logger,
+        logger=loggers,
         callbacks=[*callbacks, clock],
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -151,98 +160,135 @@ def run_once(config: str, args: argparse.Namespace, root: Path, profiler=None) -
         limit_val_batches=0,
         gradient_clip_val=1.0,
         default_root_dir=str(root),
-        profiler=profiler,
     )
-    loader = DataLoader(
-        RandomWindows(QUICKSTART["vocab_size"], QUICKSTART["context_length"]), batch_size=args.batch_size
-    )
+    loader = DataLoader(RandomWindows(shape["vocab_size"], shape["context_length"]), batch_size=args.batch_size)
     trainer.fit(module, loader)
-    logger.experiment.finish()
-    return clock.steps * args.batch_size * QUICKSTART["context_length"] / (clock.end - clock.start)
+    loggers[0].experiment.finish()
+    tokens = clock.steps * args.batch_size * shape["context_length"]
+    return (tokens / clock.clock.wall, tokens / clock.clock.cpu), hook_meter, module
+
+
+def hook_table(timed: HookMeter, ops: HookMeter, step_ms: float, steps: int, log_every: int) -> str:
+    """Per callback and hook: us per call on steps that do not log, ms per call on logging steps, ops and host
+    reads per call (non-logging), and the per-step total against the step time."""
+    lines = [
+        "| callback | hook | non-logging: CPU-us per call | logging step: CPU-ms per call | ops per call (non-logging)"
+        " | host reads per call (non-logging) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    keys = sorted({(c, h) for c, h, _ in timed.stats}, key=lambda k: -timed.stats.get((*k, False), [1, 0])[1])
+    per_step_quiet = 0.0
+    per_step_logging = 0.0
+    per_cb: dict[str, float] = {}
+    for cb, hook in keys:
+        q = timed.stats.get((cb, hook, False), [0, 0.0, 0, 0])
+        lg = timed.stats.get((cb, hook, True), [0, 0.0, 0, 0])
+        oq = ops.stats.get((cb, hook, False), [0, 0.0, 0, 0])
+        us = 1e6 * q[1] / q[0] if q[0] else 0.0
+        ms = 1e3 * lg[1] / lg[0] if lg[0] else 0.0
+        per_step_quiet += us * (q[0] / max(steps - steps // log_every, 1))
+        per_step_logging += 1e3 * ms * (lg[0] / max(steps // log_every, 1))
+        per_cb[cb] = per_cb.get(cb, 0.0) + us * (q[0] / max(steps - steps // log_every, 1))
+        n_ops = oq[2] / oq[0] if oq[0] else 0.0
+        reads = oq[3] / oq[0] if oq[0] else 0.0
+        lines.append(f"| {cb} | {hook} | {us:,.1f} | {ms:,.2f} | {n_ops:,.0f} | {reads:.1f} |")
+    amortised = per_step_quiet * (1 - 1 / log_every) + per_step_logging / log_every
+    lines.append(
+        f"\nPer-step hook time on a step that does not log: **{per_step_quiet / 1e3:.3f} ms** "
+        f"({100 * per_step_quiet / 1e3 / step_ms:.2f}% of a {step_ms:.1f} CPU-ms step); on a logging step "
+        f"{per_step_logging / 1e3:.2f} ms; amortised over log_every_n_steps={log_every}: "
+        f"{amortised / 1e3:.3f} ms per step ({100 * amortised / 1e3 / step_ms:.2f}%)."
+    )
+    lines.append(
+        "By callback (non-logging steps, us per step): "
+        + ", ".join(f"{cb} {us:,.0f}" for cb, us in sorted(per_cb.items(), key=lambda kv: -kv[1]))
+    )
+    return "\n".join(lines)
+
+
+def grad_norm_vs_clipping(module: LanguageModel, batch_size: int, repeats: int = 30) -> str:
+    """Time the suite's gradient-norm pass (``torch._foreach_norm`` over every gradient, then the sum of squares)
+    against the clipping the Trainer already does (``clip_grad_norm_``, which computes the same total norm)."""
+    shape = module.config
+    x = torch.randint(0, shape.vocab_size, (batch_size, shape.context_length))
+    module.train()
+    loss = torch.nn.functional.cross_entropy(module(x).flatten(0, 1), x.flatten())
+    loss.backward()
+    params = [p for p in module.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+
+    def norm_pass() -> None:  # what GradientNormMonitor.on_before_optimizer_step does on every step
+        torch.stack(torch._foreach_norm(grads, 2.0)).square().sum()
+
+    def clip() -> None:
+        torch.nn.utils.clip_grad_norm_(params, 1e9)  # a huge max: measures the norm + (no-op) scale, not changing grads
+
+    out = {}
+    for name, fn in (("norm pass", norm_pass), ("clip_grad_norm_", clip)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.thread_time()
+            fn()
+            times.append(time.thread_time() - t)
+        out[name] = 1e6 * statistics.median(times)
+    n = sum(g.numel() for g in grads)
+    return (
+        f"Gradient-norm pass vs the Trainer's clipping, {len(grads)} gradients, {n / 1e6:.2f}M values (median of"
+        f" {repeats}, CPU time): the suite's norm pass {out['norm pass']:,.0f} us,"
+        f" `clip_grad_norm_` {out['clip_grad_norm_']:,.0f} us per step."
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--models", default="quickstart", help=f"comma-separated, of {sorted(MODELS)}")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--log-every-n-steps", type=int, default=10)
     parser.add_argument("--configs", default="logger-only,suite,builtin")
+    parser.add_argument("--ops-steps", type=int, default=30, help="steps of the op-counting run")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round of 12 steps, tiny profile")
+    add_threads_arg(parser)
     args = parser.parse_args()
+    apply_threads(args)
+    if args.quick:  # seconds: the tiny model, one round, a few steps (a smoke test of the script, not a measurement)
+        args.models, args.batch_size = "tiny", 4
+        args.rounds, args.steps, args.warmup, args.ops_steps, args.log_every_n_steps = 1, 8, 2, 4, 4
     configs = args.configs.split(",")
-    results: dict[str, list[float]] = {c: [] for c in configs}
+    print(machine_line())
+    print(f"command: {command_line()}")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("WANDB_DIR", tmp)
         os.environ.setdefault("WANDB_DATA_DIR", os.path.join(tmp, "data"))
         os.environ.setdefault("WANDB_CACHE_DIR", os.path.join(tmp, "cache"))
-        for r in range(args.rounds):
-            # Rotate the order each round so no configuration always runs first (or after the same one).
-            order = configs[r % len(configs) :] + configs[: r % len(configs)]
-            for config in order:
-                tps = run_once(config, args, Path(tmp) / f"{config}-{r}")
-                results[config].append(tps)
-                print(f"round {r + 1}/{args.rounds}  {config:12s} {tps:10.0f} tokens/s", file=sys.stderr, flush=True)
-    # Where the suite's time goes, independent of machine noise: Lightning's SimpleProfiler times every callback hook.
-    from lightning.pytorch.profilers import SimpleProfiler
-
-    hook_ms: dict[str, float] = {}  # per-step hooks: ms per training step
-    once_s: dict[str, float] = {}  # setup / fit start / train end / validation hooks: seconds per run
-    step_ms = float("nan")
-    per_step_hooks = (
-        "on_train_batch_start",
-        "on_train_batch_end",
-        "on_before_optimizer_step",
-        "on_before_backward",
-        "on_after_backward",
-        "on_before_zero_grad",
-    )
-    if "suite" in configs:
-        with tempfile.TemporaryDirectory() as tmp:
-            profiler = SimpleProfiler()
-            run_once("suite", args, Path(tmp), profiler=profiler)
-            durations = profiler.recorded_durations
-            step_ms = 1e3 * statistics.fmean(durations["run_training_batch"])
-            for key, values in durations.items():
-                if key.startswith("[Callback]") and "Clock" not in key:
-                    name, _, hook = key.removeprefix("[Callback]").partition(".")
-                    name = name.split("{")[0]
-                    if hook in per_step_hooks:
-                        hook_ms[name] = hook_ms.get(name, 0.0) + 1e3 * sum(values) / args.steps
-                    else:
-                        once_s[name] = once_s.get(name, 0.0) + sum(values)
-    base = statistics.median(results[configs[0]])
-    print(
-        f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), lightning {L.__version__}, "
-        f"python {platform.python_version()}"
-    )
-    print(
-        f"Model: quickstart LM {QUICKSTART}, batch {args.batch_size} x {QUICKSTART['context_length']} tokens, "
-        f"{args.steps} steps ({args.warmup} untimed), log_every_n_steps={args.log_every_n_steps}, "
-        f"{args.rounds} interleaved rounds\n"
-    )
-    print("| configuration | median tokens/s | min | max | median / logger-only | median of per-round ratios |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for config in configs:
-        values = results[config]
-        med = statistics.median(values)
-        paired = statistics.median(v / b for v, b in zip(values, results[configs[0]], strict=True))
-        print(
-            f"| {config} | {med:,.0f} | {min(values):,.0f} | {max(values):,.0f} | "
-            f"{med / base:.3f} ({(med / base - 1) * 100:+.1f}%) | {paired:.3f} ({(paired - 1) * 100:+.1f}%) |"
-        )
-    if hook_ms:
-        total = sum(hook_ms.values())
-        print(
-            f"\nSuite hook time per training step (SimpleProfiler, one run of {args.steps} steps; mean training "
-            f"batch {step_ms:.1f} ms):\n"
-        )
-        print("| callback | per-step hooks, ms per step | % of a training batch | other hooks, s per run |")
-        print("|---|---:|---:|---:|")
-        for name, ms in sorted(hook_ms.items(), key=lambda kv: -kv[1]):
-            print(f"| {name} | {ms:.3f} | {100 * ms / step_ms:.2f}% | {once_s.get(name, 0.0):.3f} |")
-        print(f"| **all** | {total:.3f} | {100 * total / step_ms:.2f}% | {sum(once_s.values()):.3f} |")
+        for model in args.models.split(","):
+            results = interleaved(
+                configs,
+                args.rounds,
+                lambda c, r, m=model: run_once(c, m, args, Path(tmp) / f"{m}-{c}-{r}")[0],
+                label=model,
+                unit="tokens/s",
+            )
+            print(
+                f"\n### {model}: {MODELS[model]}, batch {args.batch_size} x {MODELS[model]['context_length']}, "
+                f"{args.steps} steps ({args.warmup} untimed), log_every_n_steps={args.log_every_n_steps}, "
+                f"{args.rounds} interleaved rounds\n"
+            )
+            print(ratio_table(column(results, 0), configs[0], "tokens/s"))
+            print("\nThe same runs in tokens per CPU-second of the training process (descheduled time excluded):\n")
+            print(ratio_table(column(results, 1), configs[0], "tokens/CPU-s"))
+            if "suite" not in configs:
+                continue
+            (_, tps), timed, module = run_once("suite", model, args, Path(tmp) / f"{model}-timed", meter="time")
+            _, ops, _ = run_once("suite", model, args, Path(tmp) / f"{model}-ops", steps=args.ops_steps, meter="ops")
+            step_ms = 1e3 * args.batch_size * MODELS[model]["context_length"] / tps
+            print(f"\nSuite hooks, one run of {args.steps} steps (times) and one of {args.ops_steps} (op counts):\n")
+            print(hook_table(timed, ops, step_ms, args.steps, args.log_every_n_steps))
+            print("\n" + grad_norm_vs_clipping(module, args.batch_size, repeats=5 if args.quick else 30))
+            print(f"\nparameters: {sum(p.numel() for p in module.parameters()) / 1e6:.2f}M")
 
 
 if __name__ == "__main__":

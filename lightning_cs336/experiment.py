@@ -40,6 +40,12 @@ _CALLBACKS = {
     "log_compute_time": "lightning_cs336.callbacks.SpeedMonitor",
     "log_model": "lightning_cs336.callbacks.CheckpointArtifactLogger",
 }
+# Added beside them (not switched by a key of their own): the stability guard reads the gradient norm's pass, the
+# step-time breakdown is part of compute time.
+_COMPANIONS = {
+    "log_gradient_norms": "lightning_cs336.callbacks.StabilityMonitor",
+    "log_compute_time": "lightning_cs336.callbacks.StepTimeMonitor",
+}
 _ARTIFACT_CALLBACKS = ("lightning_cs336.callbacks.TextSampleLogger", "lightning_cs336.callbacks.HistogramLogger")
 
 
@@ -297,6 +303,9 @@ def expand_fit_config(
             if b[key] and not present:
                 args = {"logging_interval": "step"} if key == "log_learning_rate" else {}
                 callbacks.append({"class_path": class_path, "init_args": args})
+                companion = _COMPANIONS.get(key)  # the training-health callbacks that build on this one
+                if companion and not any(_short(_class(cb)) == _short(companion) for cb in callbacks):
+                    callbacks.append({"class_path": companion})
             elif not b[key] and present and block.get(key) is False:
                 raise ValueError(
                     f"logging.{key}=false disagrees with trainer.callbacks, which has {_short(class_path)}"

@@ -23,7 +23,7 @@ from typing_extensions import override
 
 __all__ = ["WandbLogger"]
 
-_PLAIN = (str, bytes, int, float, bool, type(None))
+_PLAIN = (str, bytes, int, float, bool, type(None), tuple, list, dict, set, frozenset)
 
 
 class _Guarded:

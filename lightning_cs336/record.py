@@ -51,8 +51,9 @@ __all__ = ["FORMAT_VERSION", "RecordedRun", "RunRecord", "STATES", "read_jsonl",
 FORMAT_VERSION = 1
 RUN_FILE, METRICS_FILE, EVENTS_FILE = "run.json", "metrics.jsonl", "events.jsonl"
 #: Every state a run can be in. ``killed``: the process ended without saying so (SIGKILL, OOM, power loss);
-#: ``preempted``: stopped by a signal it handled (SIGTERM, SIGINT/Ctrl+C, SLURM's requeue signal), resumable.
-STATES = ("running", "finished", "failed", "killed", "preempted")
+#: ``preempted``: stopped by a signal it handled (SIGTERM, SIGINT/Ctrl+C, SLURM's requeue signal), resumable;
+#: ``pruned``: stopped early on purpose by a hyperparameter search (``cs336 sweep``), which set it.
+STATES = ("running", "finished", "failed", "killed", "preempted", "pruned")
 
 
 def _json_value(value: Any) -> Any:
@@ -133,6 +134,7 @@ class RunRecord(Logger):
         self._name = name or time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
         self._resume = resume
         self._resumed_at: int | None = None  # metrics.jsonl lines before this segment, until its first step
+        self._last_reason: str | None = None
         self._meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "name": self._name,
@@ -256,7 +258,9 @@ class RunRecord(Logger):
     def finalize(self, status: str) -> None:
         if not self._started:
             return
-        if status == "success":
+        if status == "success" and self._meta.get("state") == "pruned":
+            state, reason = "pruned", self._last_reason  # a sweep stopped it; the fit itself ended normally
+        elif status == "success":
             state, reason = "finished", None
         elif status == "finished":  # Lightning's SLURM requeue handler (SIGUSR1) finalizes with "finished"
             state, reason = "preempted", "SLURM requeue signal"
@@ -285,6 +289,7 @@ class RunRecord(Logger):
             raise ValueError(f"state must be one of {STATES}, got {state!r}")
         self._start()
         self._meta["state"] = state
+        self._last_reason = reason
         self._meta["ended_at"] = None if state == "running" else time.time()
         self._event("state", state=state, reason=reason)
         self._write_meta()

@@ -10,6 +10,9 @@ What the page shows, for the runs given (see :func:`write_report`):
 - an overview table (name, source, state, steps, final/best ``val/loss``, tokens, group, tags) and the config
   diff (only the keys whose values differ, :func:`lightning_cs336.runs.config_diff`);
 - an ablation table, when rows are given (whatever columns they have);
+- a sweep view, when the runs carry sweep parameters (``cs336 sweep`` trials: summary ``sweep/params``) or
+  ``sweep=`` is given: a parallel-coordinates plot of every parameter against the metric (one line per trial,
+  colored by the metric, pruned trials dashed, failed ones grey; hover names the trial) and the trials' table;
 - each run's text samples (table ``samples/generations``) grouped by step in collapsible ``<details>``;
 - each run's checkpoints (step, path, monitor, score).
 
@@ -48,7 +51,7 @@ from typing import Any
 
 from lightning_cs336.runs import Run, best, config_diff, final, steps, tokens_seen
 
-__all__ = ["MAX_POINTS", "PANELS", "SAMPLES_TABLE", "downsample", "render_report", "write_report"]
+__all__ = ["MAX_POINTS", "PANELS", "SAMPLES_TABLE", "downsample", "render_report", "sweep_rows", "write_report"]
 
 #: About how many points each series keeps in the page (see :func:`downsample`).
 MAX_POINTS = 2000
@@ -251,6 +254,77 @@ def _ablation(rows: Sequence[Mapping[str, Any]]) -> str:
     return _table(columns, body, "ablation")
 
 
+def sweep_rows(runs: Sequence[Run]) -> dict[str, Any] | None:
+    """The sweep view's data from runs that carry sweep parameters (summary ``sweep/params``, as
+    :class:`lightning_cs336.sweep.OptunaPruning` writes it), or None when none does."""
+    rows = []
+    metric = None
+    for run in runs:
+        params = run.summary.get("sweep/params")
+        if not isinstance(params, dict):
+            continue
+        metric = metric or run.summary.get("sweep/metric")
+        state = run.summary.get("sweep/state")
+        if state in (None, "running"):
+            state = "fail" if run.state in ("failed", "killed", "preempted") else run.state
+        value = run.summary.get("sweep/value")
+        if not _is_number(value):
+            value = final(run, metric) if metric and state != "fail" else None
+        trial = run.summary.get("sweep/trial")
+        rows.append({"label": f"trial-{trial}" if trial is not None else run.name, "run": run.name, "state": state,
+                     "params": params, "value": value, "step": run.summary.get("sweep/pruned_step")})  # fmt: skip
+    if not rows:
+        return None
+    return {"metric": metric or "val/loss", "mode": "min", "rows": rows}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _sweep_data(runs: Sequence[Run], sweep: Mapping[str, Any]) -> dict[str, Any]:
+    """The parallel-coordinates data: one axis per parameter (numeric, log where positive and spanning 20x or more;
+    else categorical) and the metric's, one row per trial (``run``: the index of its run in the page, or None)."""
+    index = {run.name: i for i, run in enumerate(runs)}
+    rows = list(sweep.get("rows") or [])
+    keys = list(dict.fromkeys(k for r in rows for k in (r.get("params") or {})))
+    axes = []
+    for key in keys:
+        values = [r["params"][key] for r in rows if key in (r.get("params") or {})]
+        if values and all(_is_number(v) for v in values):
+            low, high = min(values), max(values)
+            axes.append({"name": key, "kind": "number", "log": bool(low > 0 and high / low >= 20)})
+        else:
+            choices = list(dict.fromkeys(_text(v) for v in values))
+            axes.append({"name": key, "kind": "category", "choices": choices})
+    out_rows = []
+    for r in rows:
+        params = r.get("params") or {}
+        values = [(params[k] if _is_number(params[k]) else _text(params[k])) if k in params else None for k in keys]
+        value = r.get("value")
+        out_rows.append({"label": str(r.get("label")), "run": index.get(r.get("run")), "state": str(r.get("state")),
+                         "values": values, "value": value if _is_number(value) else None,
+                         "step": r.get("step")})  # fmt: skip
+    return {"metric": str(sweep.get("metric") or "metric"), "mode": sweep.get("mode") or "min", "axes": axes,
+            "rows": out_rows}  # fmt: skip
+
+
+def _sweep_section(data: Mapping[str, Any], labels: Sequence[str]) -> str:
+    names = [a["name"] for a in data["axes"]]
+    body = []
+    for r in data["rows"]:
+        state = r["state"] + (f" @{r['step']}" if r.get("step") is not None else "")
+        run = _esc(labels[r["run"]]) if r["run"] is not None else "–"
+        body.append([_esc(r["label"]), f'<span class="state state-{_esc(r["state"])}">{_esc(state)}</span>',
+                     _esc(r["value"]), *(_esc(v) for v in r["values"]), run])  # fmt: skip
+    plot = (
+        '<div id="sweep-plot" class="chart"></div><noscript><p class="muted">The plot needs JavaScript.</p></noscript>'
+        f'<p class="muted">{len(data["rows"])} trial(s): one line each through the parameters to '
+        f"{html.escape(data['metric'])}; darker is better; pruned dashed, failed grey.</p>"
+    )
+    return plot + _table(["trial", "state", data["metric"], *names, "run"], body, "sweep")
+
+
 def _samples(run: Run) -> str:
     parts = []
     for key in sorted(k for k in run.tables if k == SAMPLES_TABLE or k.endswith("/" + SAMPLES_TABLE)):
@@ -309,6 +383,7 @@ def render_report(
     title: str | None = None,
     ablation: Sequence[Mapping[str, Any]] | None = None,
     max_points: int = MAX_POINTS,
+    sweep: Mapping[str, Any] | None = None,
 ) -> str:
     """The report page of :func:`write_report` as a string (see the module docstring)."""
     runs = list(runs)
@@ -317,6 +392,9 @@ def render_report(
     labels = _labels(runs)
     title = title or f"Run report: {len(runs)} run{'s' if len(runs) != 1 else ''}"
     plot = _plot_data(runs, labels, max_points)
+    sweep = sweep if sweep is not None else sweep_rows(runs)
+    if sweep is not None and sweep.get("rows"):
+        plot["sweep"] = _sweep_data(runs, sweep)
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     curves = (
         '<div class="controls"><label>smoothing <input id="smoothing" type="range" min="0" max="0.99" step="0.01" '
@@ -333,6 +411,8 @@ def render_report(
     ]
     if ablation is not None:
         sections.append(("ablation", "Ablation", _ablation(list(ablation))))
+    if "sweep" in plot:
+        sections.append(("sweep", "Sweep", _sweep_section(plot["sweep"], labels)))
     sections.append(("samples", "Text samples", _per_run(runs, labels, _samples, "No run logged text samples.")))
     sections.append(("checkpoints", "Checkpoints", _per_run(runs, labels, _checkpoints, "No checkpoints recorded.")))
     nav = " · ".join(f'<a href="#{sid}">{html.escape(name)}</a>' for sid, name, _ in sections)
@@ -357,6 +437,7 @@ def write_report(
     out: str | os.PathLike[str],
     title: str | None = None,
     ablation: Sequence[Mapping[str, Any]] | None = None,
+    sweep: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a self-contained HTML report of ``runs`` (no server, no network; see the module docstring).
 
@@ -367,6 +448,9 @@ def write_report(
         title: The page title (default ``Run report: N runs``).
         ablation: Rows of an ablation table (e.g. ``{"variant": "model.num_heads=8", "seed": 0, "val/loss": 3.1,
             "delta": -0.05}``), shown with whatever columns they have; None: no ablation section.
+        sweep: The sweep view: ``{"metric": "val/loss", "mode": "min", "rows": [{"label": "trial-3", "run": <run
+            name>, "state": "pruned", "params": {"model.max_lr": 0.001}, "value": 3.2, "step": 40}]}``; None: taken
+            from the runs' ``sweep/*`` summaries where they have them (:func:`sweep_rows`).
 
     Returns:
         The path written.
@@ -374,7 +458,7 @@ def write_report(
     Raises:
         ValueError: If ``runs`` is empty.
     """
-    text = render_report(runs, title=title, ablation=ablation)
+    text = render_report(runs, title=title, ablation=ablation, sweep=sweep)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

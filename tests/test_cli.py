@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -109,20 +110,20 @@ def fitted(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path):
 def test_fit_end_to_end(fitted) -> None:
     work, code = fitted
     assert code == 0
-    assert (work / "checkpoints/debug/last.ckpt").is_file()
-    run = latest_run(work / "runs/debug", wait_s=30)
+    assert (work / "runs/cs336-debug/debug/checkpoints/last.ckpt").is_file()
+    run = latest_run(work / "runs/cs336-debug/debug", wait_s=30)
     assert run.finished and run.project == "cs336-debug"
     steps = [step for step, _ in run.history_of("train/loss")]
     assert steps and max(steps) >= 15
     assert {"val/loss", "val/ppl"} <= run.keys()
     # The linked values: vocab from the data, context from the model.
     assert run.config["vocab_size"] == 257 and run.config["context_length"] == 32
-    assert (work / "runs/debug/config.yaml").is_file()
+    assert (work / "runs/cs336-debug/debug/config.yaml").is_file()
 
 
 def test_generate_from_checkpoint(fitted, capsys) -> None:
     work, _ = fitted
-    ckpt = work / "checkpoints/debug/last.ckpt"
+    ckpt = work / "runs/cs336-debug/debug/checkpoints/last.ckpt"
     args = ["generate", "--ckpt", str(ckpt), "--prompt", "import ", "--max-new-tokens", "10", "--temperature", "0"]
     assert run_main(args) == 0
     first = capsys.readouterr().out
@@ -139,7 +140,12 @@ def test_generate_from_checkpoint(fitted, capsys) -> None:
 def test_export_import_cs336(fitted, tmp_path, capsys) -> None:
     work, _ = fitted
     out = tmp_path / "cs336.pt"
-    assert run_main(["export-cs336", "--ckpt", str(work / "checkpoints/debug/last.ckpt"), "--out", str(out)]) == 0
+    assert (
+        run_main(
+            ["export-cs336", "--ckpt", str(work / "runs/cs336-debug/debug/checkpoints/last.ckpt"), "--out", str(out)]
+        )
+        == 0
+    )
     back = tmp_path / "back.ckpt"
     args = ["import-cs336", "--src", str(out), "--out", str(back), "--num-heads", "2", "--context-length", "32"]
     assert run_main(args) == 0
@@ -181,11 +187,23 @@ def test_resume_through_cli_and_bad_ckpt_path(fitted, tiny_data, tmp_path, monke
     assert not (tmp_path / "runs").exists()  # nothing written before the error
     assert run_main([*base, "--ckpt_path", "team/cs336/model-abc123:best"]) == 2
     assert "WANDB_API_KEY" in capsys.readouterr().err
-    # A local checkpoint resumes: 20 steps done, 10 more.
-    assert run_main([*base, "--trainer.max_steps", "30", "--ckpt_path", str(work / "checkpoints/debug/last.ckpt")]) == 0
+    # A local checkpoint resumes its own run (its directory, record and W&B run): 20 steps done, 10 more.
+    assert (
+        run_main(
+            [
+                *base,
+                "--trainer.max_steps",
+                "30",
+                "--ckpt_path",
+                str(work / "runs/cs336-debug/debug/checkpoints/last.ckpt"),
+            ]
+        )
+        == 0
+    )
     import torch
 
-    assert torch.load(tmp_path / "checkpoints/debug/last.ckpt", weights_only=False)["global_step"] == 30
+    assert torch.load(work / "runs/cs336-debug/debug/checkpoints/last.ckpt", weights_only=False)["global_step"] == 30
+    assert not (tmp_path / "runs").exists()
 
 
 def test_fit_without_config_is_a_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -208,12 +226,73 @@ def test_predict_is_not_offered(capsys) -> None:
 )
 def test_generate_rejects_out_of_range_sampling(fitted, option: str, value: str, rule: str, capsys) -> None:
     work, _ = fitted
-    assert run_main(["generate", "--ckpt", str(work / "checkpoints/debug/last.ckpt"), option, value]) == 2
+    assert (
+        run_main(["generate", "--ckpt", str(work / "runs/cs336-debug/debug/checkpoints/last.ckpt"), option, value]) == 2
+    )
     err = capsys.readouterr().err
     assert f"{option} {value}" in err and rule in err and "Traceback" not in err
 
 
 def test_generate_with_the_default_empty_prompt(fitted, capsys) -> None:
     work, _ = fitted
-    assert run_main(["generate", "--ckpt", str(work / "checkpoints/debug/last.ckpt"), "--max-new-tokens", "5"]) == 0
+    assert (
+        run_main(
+            ["generate", "--ckpt", str(work / "runs/cs336-debug/debug/checkpoints/last.ckpt"), "--max-new-tokens", "5"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.endswith("\n")  # printed a sample (it may be only whitespace) instead of crashing
+
+
+def test_import_cs336_stores_the_tokenizer_and_generate_uses_it(fitted, tiny_data, tmp_path, capsys) -> None:
+    """export -> import with the data's tokenizer -> generate: the same greedy text as the original checkpoint."""
+    work, _ = fitted
+    ckpt = sorted(work.rglob("last.ckpt"))[0]
+    cs336 = tmp_path / "model.pt"
+    assert run_main(["export-cs336", "--ckpt", str(ckpt), "--out", str(cs336)]) == 0
+    base = ["import-cs336", "--src", str(cs336), "--num-heads", "2", "--context-length", "32"]
+    sample = ["--prompt", "import ", "--max-new-tokens", "12", "--temperature", "0"]
+    capsys.readouterr()
+    assert run_main(["generate", "--ckpt", str(ckpt), *sample]) == 0
+    expected = capsys.readouterr().out
+    assert expected.startswith("import ")
+    for i, how in enumerate((["--tokenizer", str(tiny_data)], ["--tokenizer", str(tiny_data / "tokenizer.json")])):
+        out = tmp_path / f"imported{i}.ckpt"
+        assert run_main([*base, "--out", str(out), *how]) == 0
+        captured = capsys.readouterr()
+        assert "note" not in captured.err and str(out) in captured.out
+        assert run_main(["generate", "--ckpt", str(out), *sample]) == 0
+        assert capsys.readouterr().out == expected  # same weights, same tokenizer: the same greedy continuation
+    out = tmp_path / "from_data_dir.ckpt"
+    assert run_main([*base, "--out", str(out), "--data-dir", str(tiny_data)]) == 0
+    import torch
+
+    from lightning_cs336.data import Tokenizer
+
+    stored = torch.load(out, map_location="cpu", weights_only=False)["tokenizer"]
+    assert stored == Tokenizer.from_file(tiny_data / "tokenizer.json").to_str()
+    assert run_main([*base, "--out", str(tmp_path / "x.ckpt"), "--data-dir", str(tiny_data), "--tokenizer", "t"]) == 2
+    capsys.readouterr()
+
+    # Without a tokenizer: the import works and says, in one line, what generate will need.
+    bare = tmp_path / "bare.ckpt"
+    assert run_main([*base, "--out", str(bare)]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(notes) == 1 and notes[0].startswith("cs336: note:") and "--tokenizer" in notes[0]
+    assert run_main(["generate", "--ckpt", str(bare), *sample]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no tokenizer" in err[0] and "--tokenizer" in err[0]
+    assert run_main(["generate", "--ckpt", str(bare), "--tokenizer", str(tiny_data), *sample]) == 0
+    assert capsys.readouterr().out == expected
+
+
+def test_import_and_generate_help_describe_the_tokenizer(capsys) -> None:
+    def help_text(command: str) -> str:
+        assert run_main([command, "--help"]) == 0
+        # argparse wraps at hyphens too ("import-\ncs336"): undo the wrapping before looking for phrases.
+        return re.sub(r"-\s+", "-", " ".join(capsys.readouterr().out.split()))
+
+    text = help_text("import-cs336")
+    assert "--tokenizer" in text and "--data-dir" in text and "cs336 generate" in text
+    text = help_text("generate")
+    assert "cs336 import-cs336" in text and "--tokenizer" in text

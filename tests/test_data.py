@@ -313,7 +313,7 @@ def test_prepare_source_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no files match the pattern.*check the pattern"):
         prepare([str(tmp_path / "*.nothing")], out, show_progress=False)
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(FileNotFoundError, match="no source files found.*pass text files"):
+    with pytest.raises(FileNotFoundError, match="empty_dir' is empty.*put text files in it"):
         prepare([str(tmp_path / "empty_dir")], out, show_progress=False)
     _write_docs(tmp_path / "blank", ["", "  \n\n ", "\t"])
     with pytest.raises(ValueError, match="the corpus is empty.*add non-empty UTF-8 text files"):
@@ -395,7 +395,7 @@ def test_prepare_main_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture)
     rc = prepare_main([str(tmp_path / "missing"), "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert err.startswith("error: ") and "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("cs336: error: ") and "does not exist" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
 
     out.mkdir()
@@ -405,7 +405,8 @@ def test_prepare_main_user_errors(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert list(out.iterdir()) == []
 
     assert prepare_main([str(tmp_path / "corpus")]) == 2  # argparse: --out is required
-    assert "--out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--out" in err and err.startswith("cs336: error:") and len(err.strip().splitlines()) == 1  # no usage dump
     assert prepare_main(["x", "--out", str(out), "--max-bytes", "lots"]) == 2
     assert "invalid size 'lots'" in capsys.readouterr().err
 
@@ -627,9 +628,56 @@ def test_datamodule_errors(tmp_path: Path, prepared: Path) -> None:
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         TokenDataModule(str(prepared), batch_size=0)
     n_val = load_meta(prepared)["val_tokens"]
-    dm = TokenDataModule(str(prepared), context_length=n_val)
+    # Found when the datamodule is built (before a Trainer or W&B run exists), not at setup.
     with pytest.raises(ValueError, match=rf"val split .* has {n_val} tokens but context_length={n_val} needs at least"):
-        dm.setup("validate")
+        TokenDataModule(str(prepared), context_length=n_val)
     bad = _make_data_dir(tmp_path / "bad", np.array([1, 2, 300, 4] * 10), np.arange(50), vocab_size=257)
     with pytest.raises(ValueError, match=r"train.bin contains token id 300 but vocab_size is 257"):
         TokenDataModule(str(bad), context_length=4).setup("fit")
+
+
+def test_load_meta_checks_the_splits_and_the_numbers(tmp_path: Path) -> None:
+    """A directory whose .bin files or meta.json numbers disagree fails at load_meta, naming the file and the fix."""
+    d = _make_data_dir(tmp_path / "d", np.arange(10), np.arange(8))
+    assert load_meta(d)["train_tokens"] == 10
+    (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-4])  # two whole tokens short
+    with pytest.raises(ValueError, match=r"train.bin holds 8 tokens but .*meta.json records 10: it is truncated"):
+        load_meta(d)
+    (d / "train.bin").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train.bin not found; re-run `cs336 prepare"):
+        load_meta(d)
+    for overrides, match in (
+        ({"eot_id": 300, "vocab_size": 257}, "eot_id=300 but vocab_size=257"),
+        ({"train_tokens": 10.0}, "train_tokens=10.0, expected a non-negative integer"),
+        ({"val_tokens": -1}, "val_tokens=-1"),
+        ({"vocab_size": 70000, "dtype": "uint16"}, "too large for dtype uint16"),
+    ):
+        bad = _make_data_dir(tmp_path / str(len(match)), np.arange(10), np.arange(8), **overrides)
+        with pytest.raises(ValueError, match=match):
+            load_meta(bad)
+
+
+def test_tokenizer_from_path(tmp_path: Path) -> None:
+    d = _make_data_dir(tmp_path / "d", np.arange(10), np.arange(8))
+    assert Tokenizer.from_path(d).to_str() == Tokenizer.from_path(d / "tokenizer.json").to_str()
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer.json: pass a directory written by `cs336 prepare`"):
+        Tokenizer.from_path(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Tokenizer.from_path(tmp_path / "missing.json")
+    (tmp_path / "junk.json").write_text("{oops")
+    with pytest.raises(ValueError, match="junk.json is not a valid tokenizer file"):
+        Tokenizer.from_path(tmp_path / "junk.json")
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    HFTokenizer(models.BPE()).save(str(tmp_path / "no_eot.json"))
+    with pytest.raises(ValueError, match=r"no_eot.json has no <\|endoftext\|> token"):
+        Tokenizer.from_path(tmp_path / "no_eot.json")
+
+
+def test_prepare_of_an_empty_directory_says_so(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / ".hidden.txt").write_text("skipped\n")
+    with pytest.raises(FileNotFoundError, match=r"directory '.*empty' is empty \(hidden files and caches are skipped"):
+        prepare([str(tmp_path / "empty")], tmp_path / "out", tokenizer="byte", show_progress=False)
+    assert not (tmp_path / "out").exists()

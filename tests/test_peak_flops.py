@@ -25,3 +25,23 @@ def test_rows_are_dense_and_ordered() -> None:
 def test_unknown_device_is_none_not_a_guess() -> None:
     assert lookup_peak_flops("ACME Accelerator 9000", "bf16") is None
     assert lookup_peak_flops("NVIDIA A100-SXM4-80GB", None) is None
+
+
+def test_covers_current_nvidia_and_amd_parts() -> None:
+    """V100 through B200/GB200 and MI250 through MI325X, by the names torch reports, each with a dense bf16 (or, on
+    Volta/Turing, fp16) figure; GB200 is its own row, not the B200's."""
+    reported = {
+        "Tesla V100-SXM2-32GB": ("fp16", 125e12),
+        "NVIDIA A100-SXM4-80GB": ("bf16", 312e12),
+        "NVIDIA H100 80GB HBM3": ("bf16", 989.4e12),
+        "NVIDIA H200": ("bf16", 989.4e12),
+        "NVIDIA B200": ("bf16", 2250e12),
+        "NVIDIA GB200": ("bf16", 2500e12),
+        "AMD Instinct MI250X": ("bf16", 383e12),
+        "AMD Instinct MI250": ("bf16", 362.1e12),
+        "AMD Instinct MI300X": ("bf16", 1307.4e12),
+        "AMD Instinct MI325X": ("bf16", 1307.4e12),
+    }
+    for name, (dtype, value) in reported.items():
+        assert lookup_peak_flops(name, dtype) == value, name
+    assert lookup_peak_flops("NVIDIA GB200", "fp8") == 2 * lookup_peak_flops("NVIDIA GB200", "bf16")

@@ -325,3 +325,88 @@ def test_cli_report_of_real_runs(tmp_path: Path) -> None:
     assert "Hello &lt;b&gt;" in text and "step 6" in text and ".ckpt" in text
     dom = _chromium(tmp_path, "--dump-dom", out.as_uri()).stdout
     assert 'data-rendered="ok"' in dom and "data-js-error" not in dom and '<path class="line"' in dom
+
+
+# ------------------------------------------------------------------------------------------------------- sweep
+
+
+def _sweep_runs() -> list[Run]:
+    """Four trials of a sweep as ``cs336 sweep`` leaves them: sweep parameters, state and value in the summary."""
+    runs = []
+    trials = [(1e-4, 4, "silu", "complete"), (1e-3, 8, "gelu", "complete"), (3e-3, 4, "silu", "pruned"),
+              (1e-2, 8, "gelu", "fail")]  # fmt: skip
+    for i, (lr, heads, act, state) in enumerate(trials):
+        run = _run(f"sweep.trial-{i}", lr, heads)
+        value = None if state == "fail" else run.history["val/loss"][-1][1]
+        params = {"optimizer.lr": lr, "model.num_heads": heads, "model.act": act}
+        run.summary.update({"sweep/trial": i, "sweep/metric": "val/loss", "sweep/state": state, "sweep/params": params})
+        if value is not None:
+            run.summary["sweep/value"] = value
+        if state == "pruned":
+            run.summary["sweep/pruned_step"] = 150
+        runs.append(run)
+    runs[3].state = "failed"
+    return runs
+
+
+def test_sweep_view_data_and_table(tmp_path: Path) -> None:
+    runs = _sweep_runs()
+    text = write_report(runs, tmp_path / "sweep.html").read_text(encoding="utf-8")
+    sweep = _data(text)["sweep"]
+    assert [a["name"] for a in sweep["axes"]] == ["optimizer.lr", "model.num_heads", "model.act"]
+    lr, heads, act = sweep["axes"]
+    assert lr == {"name": "optimizer.lr", "kind": "number", "log": True}  # spans 100x
+    assert heads["log"] is False and act == {"name": "model.act", "kind": "category", "choices": ["silu", "gelu"]}
+    assert [r["state"] for r in sweep["rows"]] == ["complete", "complete", "pruned", "fail"]
+    assert [r["run"] for r in sweep["rows"]] == [0, 1, 2, 3] and sweep["rows"][3]["value"] is None
+    assert math.isclose(sweep["rows"][0]["value"], runs[0].history["val/loss"][-1][1], rel_tol=1e-6)
+    table = text.split('<table class="sweep">', 1)[1].split("</table>", 1)[0]
+    assert table.count("<tr>") == 5 and "pruned @150" in table and "sweep.trial-2" in table
+    for column in ("trial", "state", "val/loss", "optimizer.lr", "model.num_heads", "model.act", "run"):
+        assert f"<th>{html.escape(column)}</th>" in table
+    # Given explicitly (the sweep driver's own report), the rows win over the summaries.
+    given = {"metric": "val/ppl", "mode": "max", "rows": [{"label": "trial-9", "run": "sweep.trial-1", "state":
+             "complete", "params": {"x": 1.0}, "value": 2.0}]}  # fmt: skip
+    data = _data(render_report(runs, sweep=given))["sweep"]
+    assert data["metric"] == "val/ppl" and data["mode"] == "max" and data["rows"][0]["run"] == 1
+    assert "sweep" not in _data(render_report([_run("plain", 1e-3, 4)])) and 'id="sweep"' not in render_report(
+        [_run("plain", 1e-3, 4)]
+    )
+
+
+SWEEP_PROBE = """<script>(function () {
+  var out = {}, lines = document.querySelectorAll("#sweep-plot path.pc-line");
+  out.n = lines.length;
+  out.states = Array.prototype.map.call(lines, function (l) { return l.getAttribute("data-state"); });
+  out.dashed = Array.prototype.map.call(lines, function (l) { return l.getAttribute("stroke-dasharray"); });
+  out.strokes = Array.prototype.map.call(lines, function (l) { return l.getAttribute("stroke"); });
+  var r = lines[2].getBoundingClientRect();
+  lines[2].dispatchEvent(new MouseEvent("mousemove", { clientX: r.left + 5, clientY: r.top + 5, bubbles: true }));
+  var tip = document.querySelector("#sweep-plot .tooltip");
+  out.tip = tip.textContent;
+  out.tipShown = tip.style.display;
+  out.axes = document.querySelectorAll("#sweep-plot .pc-axis").length;
+  document.body.dataset.probe = JSON.stringify(out);
+})();</script>"""
+
+
+def test_sweep_view_in_headless_chromium(tmp_path: Path) -> None:
+    page = tmp_path / "sweep.html"
+    text = write_report(_sweep_runs(), page).read_text(encoding="utf-8")
+    page.write_text(text.replace("</body>", SWEEP_PROBE + "</body>"), encoding="utf-8")
+    dom = _chromium(tmp_path, "--window-size=1280,2400", "--dump-dom", page.as_uri()).stdout
+    assert 'data-rendered="ok"' in dom and "data-js-error" not in dom, re.search(r'data-js-error="([^"]*)"', dom)
+    out = json.loads(html.unescape(re.search(r'data-probe="([^"]*)"', dom).group(1)))
+    assert out["n"] == 4 and out["axes"] == 4  # three parameters and the metric
+    assert out["states"] == ["complete", "complete", "pruned", "fail"]
+    assert out["dashed"][2] == "5 3" and out["dashed"][0] == ""
+    assert out["strokes"][3] == "#9ca3af" and len(set(out["strokes"][:3])) == 3  # failed grey; others by value
+    assert (
+        out["tipShown"] == "block"
+        and "sweep.trial-2" not in out["tip"]
+        and "trial-2 (pruned at step 150)" in out["tip"]
+    )
+    assert "optimizer.lr: 0.003" in out["tip"] and "model.act: silu" in out["tip"]
+    # The failed trial has no value: its line ends at the last parameter (three points, not four).
+    paths = re.findall(r'<path class="pc-line" d="([^"]+)"', dom)
+    assert [p.count("L") for p in paths] == [3, 3, 3, 2]

@@ -310,7 +310,8 @@ def test_keys_match_documentation_on_every_logger(tmp_path: Path, wandb_env: Pat
         val_check_interval=4,
     )
     run = finish_and_read(tmp_path)
-    documented = set(SpeedMonitor.METRIC_KEYS)
+    # throughput/mfu_error only replaces throughput/mfu when the MFU would exceed 100% (its own test below).
+    documented = set(SpeedMonitor.METRIC_KEYS) - {"throughput/mfu_error"}
     assert _our_keys(run.keys()) == documented
     assert _our_keys(set(_csv_rows(trainer)[0])) == documented
 
@@ -583,6 +584,36 @@ def test_mfu_with_peak_flops_on_cpu(tmp_path: Path, clock: FakeTime) -> None:
     assert _series(rows, "throughput/peak_tflops") == {1: 2.0}  # first log only
 
 
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_mfu_hand_count_with_gradient_accumulation(tmp_path: Path, clock: FakeTime, accumulate: int) -> None:
+    """By hand: an optimizer step is ``accumulate`` micro-batches of 8 x 16 tokens, each fetched in FETCH and run in
+    STEP fake seconds, so it does ``accumulate * 128 * flops_per_token`` FLOPs in ``accumulate * (STEP + FETCH)``
+    seconds; the MFU is the same for any accumulation (nanoGPT issue 619, Lightning issue 19461)."""
+    model = timed_lm(clock)
+    peak = 1e9
+    trainer = _fit(tmp_path, SpeedMonitor(peak_flops=peak), model, max_steps=4, accumulate_grad_batches=accumulate)
+    rows = _csv_rows(trainer)
+    flops_per_step = accumulate * TOKENS * model.flops_per_token
+    seconds_per_step = accumulate * (STEP + FETCH)
+    mfu = _series(rows, "throughput/mfu")
+    assert sorted(mfu) == [1, 3]
+    # The first window's first fetch happens before the fit's first batch (not timed): step 1 is the clean one.
+    assert mfu[3] == pytest.approx(2 * flops_per_step / (2 * seconds_per_step) / peak)
+    assert _series(rows, "throughput/tokens_total")[3] == 4 * accumulate * TOKENS
+
+
+def test_mfu_above_one_is_an_error_not_a_value(tmp_path: Path, clock: FakeTime) -> None:
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        rows = _csv_rows(_fit(tmp_path, SpeedMonitor(peak_flops=1e6), timed_lm(clock), max_steps=4))
+    keys = {k for r in rows for k, v in r.items() if v}
+    assert "throughput/mfu" not in keys
+    errors = _series(rows, "throughput/mfu_error")
+    assert sorted(errors) == [1, 3] and all(v > 1 for v in errors.values())
+    messages = [m for m in _speed_warnings(records) if "above 100%" in m]
+    assert len(messages) == 1 and "peak_flops" in messages[0] and "flops_per_token" in messages[0]
+
+
 def test_no_mfu_without_peak_one_warning(tmp_path: Path, clock: FakeTime) -> None:
     with warnings.catch_warnings(record=True) as records:
         warnings.simplefilter("always")
@@ -719,6 +750,10 @@ def test_ddp_totals_are_per_device_times_world_size(tmp_path: Path) -> None:
     assert sorted(total) == [1, 3]
     assert total == pytest.approx({s: 2 * v for s, v in device.items()})
     assert _series(rows, "throughput/tokens_total") == {1: 2 * 2 * TOKENS, 3: 2 * 4 * TOKENS}
-    # MFU is per device.
+    # MFU is per device, by hand: flops_per_token x this device's tokens/s over one device's peak (1 TFLOP/s here);
+    # the world size cancels.
     mfu, tflops = _series(rows, "throughput/mfu"), _series(rows, "throughput/device/tflops")
     assert mfu == pytest.approx(tflops)
+    per_token = TinyLM().flops_per_token
+    assert mfu == pytest.approx({s: per_token * v / 1e12 for s, v in device.items()})
+    assert mfu == pytest.approx({s: per_token * (v / 2) / 1e12 for s, v in total.items()})

@@ -35,7 +35,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def test_suite_exports_all_seven() -> None:
+def test_suite_exports_all_ten() -> None:
     names = {c.__name__ for c in CALLBACKS}
     assert names == {
         "GradientNormMonitor",
@@ -45,6 +45,9 @@ def test_suite_exports_all_seven() -> None:
         "CheckpointArtifactLogger",
         "RunInfoLogger",
         "HistogramLogger",
+        "StabilityMonitor",
+        "OptimizerMonitor",
+        "StepTimeMonitor",
     }
 
 
@@ -128,7 +131,7 @@ def test_quickstart_config_logs_every_family(tmp_path: Path, tiny_data: Path, mo
     except SystemExit as exit_:
         assert not exit_.code
 
-    run = finish_and_read(tmp_path / "runs/quickstart")
+    run = finish_and_read(tmp_path / "runs/cs336-quickstart/quickstart")
     assert run.finished
     keys = run.keys()
     for family in ("grad/", "memory/", "time/", "throughput/", "samples/", "weights/", "checkpoint/"):
@@ -155,7 +158,7 @@ def test_quickstart_config_logs_every_family(tmp_path: Path, tiny_data: Path, mo
     assert run.summary["summary/tokens_seen"] == 250 * 4 * 32
     models = [a for a in run.artifacts if a["type"] == "model"]
     assert models and any("best" in a["aliases"] for a in models)
-    assert (tmp_path / "checkpoints/quickstart/last.ckpt").is_file()
+    assert (tmp_path / "runs/cs336-quickstart/quickstart/checkpoints/last.ckpt").is_file()
 
 
 def test_resume_continues_every_callbacks_state(tmp_path: Path, wandb_env: Path) -> None:
@@ -169,6 +172,9 @@ def test_resume_continues_every_callbacks_state(tmp_path: Path, wandb_env: Path)
             suite.TextSampleLogger(every_n_steps=3, prompts=["ab"], max_new_tokens=4, sample_at_end=False),
             suite.HistogramLogger(every_n_steps=3),
             suite.CheckpointArtifactLogger(),
+            suite.StabilityMonitor(),
+            suite.OptimizerMonitor(),
+            suite.StepTimeMonitor(),
             ModelCheckpoint(
                 dirpath=tmp_path / "ckpt",
                 monitor="val/loss",
@@ -199,6 +205,8 @@ def test_resume_continues_every_callbacks_state(tmp_path: Path, wandb_env: Path)
     tokens_a = [v for _, v in a.history_of("throughput/tokens_total")]
     tokens_b = [v for _, v in b.history_of("throughput/tokens_total")]
     assert tokens_b[0] == tokens_a[-1] + 3 * 8 * 16
+    # The health callbacks log in both segments.
+    assert {"stability/spikes_total", "optim/update_ratio", "time/data_wait_pct"} <= a.keys() & b.keys()
     # Gradient clipping totals continue (every step clips at this tiny threshold).
     assert [v for _, v in b.history_of("grad/clipped_total")][-1] == 12
     # Run info: tokens seen over both segments.

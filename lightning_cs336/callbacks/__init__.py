@@ -12,6 +12,9 @@ project can use them. What they need from a LightningModule is duck-typed and do
 | :class:`CheckpointArtifactLogger` | ``checkpoint/*`` (+ W&B model artifacts) |
 | :class:`RunInfoLogger` | ``run_info`` config, ``summary/*`` |
 | :class:`HistogramLogger` | ``weights/*``, ``gradients/*`` |
+| :class:`StabilityMonitor` | ``stability/*`` (+ table ``stability/spikes``) |
+| :class:`OptimizerMonitor` | ``optim/*`` |
+| :class:`StepTimeMonitor` | ``time/data_wait_pct``, ``time/step_ms_p*``, ``time/rank/*``, ``memory/rank/*`` |
 
 The learning rate is Lightning's own :class:`~lightning.pytorch.callbacks.LearningRateMonitor`.
 
@@ -26,8 +29,11 @@ from lightning_cs336.callbacks.checkpoint_artifacts import CheckpointArtifactLog
 from lightning_cs336.callbacks.grad_norm import GradientNormMonitor
 from lightning_cs336.callbacks.histograms import HistogramLogger
 from lightning_cs336.callbacks.memory import MemoryMonitor
+from lightning_cs336.callbacks.optimizer_monitor import OptimizerMonitor
 from lightning_cs336.callbacks.run_info import RunInfoLogger
 from lightning_cs336.callbacks.speed import SpeedMonitor
+from lightning_cs336.callbacks.stability import StabilityMonitor
+from lightning_cs336.callbacks.step_time import StepTimeMonitor
 from lightning_cs336.callbacks.text_samples import TextSampleLogger
 from lightning_cs336.callbacks.wandb_access import load_from_artifact, resolve_checkpoint
 
@@ -36,9 +42,12 @@ __all__ = [
     "GradientNormMonitor",
     "HistogramLogger",
     "MemoryMonitor",
+    "OptimizerMonitor",
     "RunInfoLogger",
     "SpeedMonitor",
+    "StabilityMonitor",
     "StepClock",
+    "StepTimeMonitor",
     "TelemetryCallback",
     "TextSampleLogger",
     "load_from_artifact",

@@ -21,6 +21,7 @@ __all__ = [
     "batches_that_stepped",
     "batch_steps_optimizer",
     "checkpoint_io",
+    "hold_checkpoint_saves",
     "last_save",
     "on_checkpoint_saved",
 ]
@@ -100,5 +101,52 @@ def on_checkpoint_saved(checkpoint_callback: Any, listener: SaveListener) -> Cal
     def remove() -> None:
         if listener in listeners:
             listeners.remove(listener)
+
+    return remove
+
+
+_HOLD = "_cs336_save_holds"
+
+
+def hold_checkpoint_saves(checkpoint_callback: Any, held: Callable[[], bool]) -> Callable[[], None]:
+    """Make a ``ModelCheckpoint`` write nothing while ``held()`` is true, so the files it already wrote stay the
+    newest (e.g. ``last.ckpt`` after a run stopped on a NaN must not be replaced by the NaN state).
+
+    Wraps, on the one instance, ``_should_skip_saving_checkpoint`` (2.6.6: checked first by the save triggers of
+    ``on_train_batch_end``, ``on_train_epoch_end`` and ``on_validation_end``, before any top-k bookkeeping that could
+    delete an older file) and ``_save_checkpoint`` (the one writer, also reached from ``on_train_end`` and
+    ``on_exception``). Callbacks without them are left alone.
+
+    Returns:
+        A function that removes the hold again.
+    """
+    skip = getattr(checkpoint_callback, "_should_skip_saving_checkpoint", None)
+    save = getattr(checkpoint_callback, "_save_checkpoint", None)
+    if not callable(skip) or not callable(save):
+        return lambda: None
+    holds: list[Callable[[], bool]] | None = checkpoint_callback.__dict__.get(_HOLD)
+    if holds is None:
+        holds = []
+        checkpoint_callback.__dict__[_HOLD] = holds
+
+        def is_held() -> bool:
+            return any(h() for h in holds)
+
+        @functools.wraps(skip)
+        def _should_skip_saving_checkpoint(trainer: Trainer) -> bool:
+            return is_held() or skip(trainer)
+
+        @functools.wraps(save)
+        def _save_checkpoint(trainer: Trainer, filepath: str) -> None:
+            if not is_held():
+                save(trainer, filepath)
+
+        checkpoint_callback._should_skip_saving_checkpoint = _should_skip_saving_checkpoint
+        checkpoint_callback._save_checkpoint = _save_checkpoint
+    holds.append(held)
+
+    def remove() -> None:
+        if held in holds:
+            holds.remove(held)
 
     return remove

@@ -14,7 +14,7 @@ policies are one computation on one cached parameter layout; the class docstring
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -182,6 +182,19 @@ class _ParamCache:
         return cached
 
 
+class _Measurement(NamedTuple):
+    """One optimizer step's fused pass: the row ``[square, non-finite count, value-clip exceed count]`` (this rank's
+    share when sharded), the present-parameter indices, the per-parameter non-finite flags and per-group squares."""
+
+    optimizer: Optimizer
+    serial: int
+    cache: _ParamCache
+    row: Tensor
+    idx: Tensor | None
+    bad: Tensor
+    group_sq: Tensor | None
+
+
 class GradientNormMonitor(TelemetryCallback):
     r"""Log the global gradient L2 norm before and after clipping, clipping frequency, per-layer norms, and
     non-finite gradients, measured once per optimizer step in one fused pass over the gradients.
@@ -320,6 +333,10 @@ class GradientNormMonitor(TelemetryCallback):
         self._group_sq: Tensor | None = None
         self._measured_this_batch = False
         self._last_skipped = False
+        # The current batch's measurement, shared with other callbacks (norm_sq) so it is computed once.
+        self._serial = 0
+        self._fresh: _Measurement | None = None
+        self._last: _Measurement | None = None
         # Whether the window's rows are the same on every rank (not sharded, or all-reduced per step): only then can a
         # checkpoint carry them over to a resumed run.
         self._rows_global = True
@@ -347,9 +364,55 @@ class GradientNormMonitor(TelemetryCallback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._measured_this_batch = False
+        self._serial += 1
+        self._fresh = None
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        m = self._measure(trainer, pl_module, optimizer)
+        self._fresh = None  # consumed: a StabilityMonitor asking later in this hook round gets self._last
+        self._last = m
+        cache, row, idx, bad = m.cache, m.row, m.idx, m.bad
+        self._group_sq = m.group_sq
+        self._last_skipped = False
+        if self.on_nonfinite != "count":
+            if cache.needs_reduce:
+                # Out of place: the row handed to other callbacks (norm_sq) stays this rank's local value.
+                row = row.clone()
+                torch.distributed.all_reduce(row)
+            # The documented cost of "skip"/"stop": one host sync per optimizer step. Every rank reaches the same
+            # decision (gradients identical under DDP; the count all-reduced when sharded).
+            if bool(row[_NONFINITE] > 0):
+                if self.on_nonfinite == "stop":
+                    self._window.append(row)
+                    self._stop(trainer, cache, idx, bad)
+                self._skip(trainer, cache)
+        self._rows_global = not cache.needs_reduce or self.on_nonfinite != "count"
+        self._window.append(row)
+        self._measured_this_batch = True
+
+    def norm_sq(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> tuple[Tensor, bool]:
+        """This optimizer step's squared total gradient norm (before clipping), for other callbacks
+        (:class:`~lightning_cs336.callbacks.stability.StabilityMonitor`), computed once per step whichever callback
+        asks first. Call it from ``on_before_optimizer_step``.
+
+        Returns:
+            ``(square, sharded)``: a 0-d float32 device tensor, and whether it is this rank's share only (sharded
+            gradients: an ``all_reduce(SUM)`` over ranks gives the global square; otherwise it is already global).
+        """
+        fresh = self._fresh
+        if fresh is not None and fresh.optimizer is optimizer and fresh.serial == self._serial:
+            m = fresh
+        elif self._last is not None and self._last.optimizer is optimizer and self._last.serial == self._serial:
+            m = self._last  # this callback's own hook already ran for this step
+        else:
+            m = self._fresh = self._measure(trainer, pl_module, optimizer)
+        return m.row[_SQ], m.cache.needs_reduce
+
+    def _measure(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> _Measurement:
+        fresh = self._fresh
+        if fresh is not None and fresh.optimizer is optimizer and fresh.serial == self._serial:
+            return fresh  # another callback asked first (norm_sq): the same gradients, not measured twice
         cache = self._cache_for(trainer, pl_module, optimizer)
         logging_step = self.is_logging_step(trainer)
         with torch.no_grad():
@@ -374,27 +437,12 @@ class GradientNormMonitor(TelemetryCallback):
             row = torch.stack([sq.sum(), bad.sum().float(), exceed])
             # Per-layer squares only when this step is logged (or may be, for "stop"); never reduced here.
             need_groups = self.per_layer_depth is not None and (logging_step or self.on_nonfinite == "stop")
-            self._group_sq = None
+            group_sq = None
             if need_groups:
                 group_sq = torch.zeros(len(cache.groups), device=cache.home)
                 if group_ids is not None:
                     group_sq.index_add_(0, group_ids, sq)
-                self._group_sq = group_sq
-
-            self._last_skipped = False
-            if self.on_nonfinite != "count":
-                if cache.needs_reduce:
-                    torch.distributed.all_reduce(row)
-                # The documented cost of "skip"/"stop": one host sync per optimizer step. Every rank reaches the same
-                # decision (gradients identical under DDP; the count all-reduced when sharded).
-                if bool(row[_NONFINITE] > 0):
-                    if self.on_nonfinite == "stop":
-                        self._window.append(row)
-                        self._stop(trainer, cache, idx, bad)
-                    self._skip(trainer, cache)
-            self._rows_global = not cache.needs_reduce or self.on_nonfinite != "count"
-            self._window.append(row)
-            self._measured_this_batch = True
+        return _Measurement(optimizer, self._serial, cache, row, idx, bad, group_sq)
 
     @override
     def on_train_batch_end(
@@ -415,6 +463,7 @@ class GradientNormMonitor(TelemetryCallback):
         self._caches = {}
         self._cache = None
         self._group_sq = None
+        self._fresh = self._last = None
 
     @override
     def state_dict(self) -> dict[str, Any]:

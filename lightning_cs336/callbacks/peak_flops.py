@@ -38,7 +38,9 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
     "h200 nvl": {"fp64": 60e12, "fp32": 60e12, "tf32": 417.5e12, "bf16": 835.5e12, "fp16": 835.5e12, "fp8": 1670.5e12},
     "h20": {"fp32": 44e12, "tf32": 74e12, "bf16": 148e12, "fp16": 148e12, "fp8": 296e12},
     # Blackwell: HGX B200 figures per GPU.
-    "b200": {"fp32": 75e12, "tf32": 1125e12, "bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12},
+    "b200": {"fp64": 37e12, "fp32": 75e12, "tf32": 1125e12, "bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12},
+    # Grace Blackwell: GB200 NVL72 rack figures per GPU (reported as "NVIDIA GB200"; whole words keep b200 apart).
+    "gb200": {"fp64": 40e12, "fp32": 80e12, "tf32": 1250e12, "bf16": 2500e12, "fp16": 2500e12, "fp8": 5000e12},
     # Ampere (A100 SXM4 and PCIe have the same rates).
     "a100": {"fp64": 19.5e12, "fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},
     "a30": {"fp64": 10.3e12, "fp32": 10.3e12, "tf32": 82e12, "bf16": 165e12, "fp16": 165e12},
@@ -80,6 +82,7 @@ SOURCES: dict[str, str] = {
     "h200 nvl": "NVIDIA H200 Tensor Core GPU datasheet, H200 NVL column (sparse figures halved)",
     "h20": "NVIDIA HGX H20 product specifications (dense figures as published)",
     "b200": "NVIDIA HGX B200 datasheet, per GPU = system figure / 8 (sparse figures halved)",
+    "gb200": "NVIDIA GB200 NVL72 datasheet, per GPU = rack figure / 72 (sparse figures halved)",
     "a100": "NVIDIA A100 Tensor Core GPU datasheet (SXM4 and PCIe share these rates; sparse figures halved)",
     "a30": "NVIDIA A30 Tensor Core GPU datasheet (sparse figures halved)",
     "a40": "NVIDIA A40 datasheet (sparse figures halved)",

@@ -87,9 +87,15 @@ class SpeedMonitor(TelemetryCallback):
     ``torch.cuda.get_device_name()`` (whole-word match against ``peak_flops_table``, then :data:`PEAK_FLOPS`: dense
     datasheet rates) and the dtype of ``trainer.precision`` (``bf16-mixed`` -> bf16, ``16-mixed`` -> fp16,
     ``32-true`` -> fp32, or tf32 when TF32 matmuls are enabled, ``transformer-engine`` -> fp8). The peak used is
-    printed once at the start of training and logged as ``throughput/peak_tflops`` in the first log, so an MFU above
-    100% can be traced to a wrong peak. Without FLOPs, or without a peak (CPU, an unknown GPU, fp64), a warning says
-    once what is missing and the keys are not logged.
+    printed once at the start of training and logged as ``throughput/peak_tflops`` in the first log. An MFU above
+    100% is impossible (a wrong peak or FLOP count): it is logged as ``throughput/mfu_error``, never as
+    ``throughput/mfu``, with a one-line warning. Without FLOPs, or without a peak (CPU, an unknown GPU, fp64), a
+    warning says once what is missing and the keys are not logged. Accounting, by construction: the FLOPs are those of
+    every micro-batch this device ran in the window (``flops_per_token`` x the tokens of each batch actually seen,
+    all ``accumulate_grad_batches`` micro-batches of each optimizer step), over the window's wall time on this
+    device, against one device's peak; the world size cancels (each rank runs its own batches at the same rate),
+    so neither gradient accumulation nor data parallelism can inflate or deflate it (nanoGPT issue 619, Lightning
+    issue 19461).
 
     **Validation and checkpoints.** ``time/val_sec`` is the host time from ``on_validation_start`` to
     ``on_validation_end`` of each validation run during ``fit`` (not the sanity check). A checkpoint is noticed by this
@@ -144,6 +150,7 @@ class SpeedMonitor(TelemetryCallback):
     ``throughput/tokens_total``              tokens     logging steps: tokens trained on so far, all devices
     ``throughput/device/tflops``             TFLOP/s    logging steps, when the module gives its FLOPs: achieved
     ``throughput/mfu``                       fraction   logging steps, when FLOPs and the peak are known (0-1)
+    ``throughput/mfu_error``                 fraction   instead of ``throughput/mfu`` when it would exceed 1 (+ warning)
     ``throughput/peak_tflops``               TFLOP/s    first log of each fit, when the peak is known
     ``time/eta_min``                         min        logging steps, when the total number of steps is known
     ``time/train_total_min``                 min        logging steps: step + data-wait time so far (no val/ckpt)
@@ -183,6 +190,7 @@ class SpeedMonitor(TelemetryCallback):
         "throughput/tokens_total",
         "throughput/device/tflops",
         "throughput/mfu",
+        "throughput/mfu_error",
         "throughput/peak_tflops",
         "time/eta_min",
         "time/train_total_min",
@@ -516,7 +524,19 @@ class SpeedMonitor(TelemetryCallback):
             if flops is not None and flops > 0:
                 metrics["throughput/device/tflops"] = flops / window_sec / 1e12
                 if self._peak is not None:
-                    metrics["throughput/mfu"] = flops / window_sec / self._peak
+                    mfu = flops / window_sec / self._peak
+                    if mfu <= 1.0:
+                        metrics["throughput/mfu"] = mfu
+                    else:
+                        # Impossible by definition: the peak or the FLOP count is wrong. Never logged as an MFU.
+                        metrics["throughput/mfu_error"] = mfu
+                        self.warn_once(
+                            "mfu-above-peak",
+                            f"error: MFU {100 * mfu:.0f}% at step {self.step(trainer)} is above 100%, so the peak"
+                            f" ({self._peak / 1e12:.4g} TFLOP/s per device) or the module's FLOP count is wrong;"
+                            " logged as throughput/mfu_error instead of throughput/mfu. Fix peak_flops /"
+                            " peak_flops_table or flops_per_token.",
+                        )
         if self._peak is not None and not self._logged_peak:
             metrics["throughput/peak_tflops"] = self._peak / 1e12
             self._logged_peak = True

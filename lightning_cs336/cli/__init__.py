@@ -37,11 +37,15 @@ class _ArtifactError(Exception):
     """Placeholder until the callbacks package (and its ArtifactUnavailableError) is imported."""
 
 
+class _MisconfigurationError(Exception):
+    """Placeholder until Lightning's MisconfigurationException (e.g. ``max_steps -5``) is imported."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``cs336`` console script (and ``python -m lightning_cs336``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
-    global _ArtifactError
+    global _ArtifactError, _MisconfigurationError
     try:
         from lightning_cs336.callbacks.wandb_access import ArtifactUnavailableError as _ArtifactError
 
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         no_wandb = "--no-wandb" in argv
         argv = [a for a in argv if a != "--no-wandb"]
         default_wandb_mode()
+        from lightning.fabric.utilities.exceptions import MisconfigurationException as _MisconfigurationError
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         from lightning_cs336.callbacks.preemption import CheckpointWriteError
@@ -106,7 +111,14 @@ def main(argv: list[str] | None = None) -> None:
         if stopped:
             print(f"cs336: error: {stopped}", file=sys.stderr)
             sys.exit(1)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, _ArtifactError) as err:
+    except (
+        ValueError,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+        _ArtifactError,
+        _MisconfigurationError,
+    ) as err:
         # Bad input gets one line naming the problem and the fix; CS336_TRACEBACK=1 shows where it came from.
         from lightning_cs336.experiment import release_claims
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NoReturn, Optional
 
 from lightning_cs336 import experiment
 
@@ -24,6 +24,19 @@ def _cli_class(no_wandb: bool = False) -> type:
 
         def print_usage(self, file: Any = None) -> None:
             pass
+
+        def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+            # One line, like every other bad input of `cs336` (jsonargparse prints a tip, the error and its detail
+            # on separate lines). Its nested parsers catch the raised error while trying alternatives: let them.
+            from jsonargparse._common import debug_mode_active
+
+            if not self.exit_on_error or debug_mode_active():
+                super().error(message, ex)
+            parser = getattr(ex, "subcommand_parser", None) or self
+            prog = parser.prog.replace(" [options]", "").replace("__main__.py", "cs336")
+            text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+            sys.stderr.write(f"cs336: error: {text} (see `{prog} --help`)\n")
+            self.exit(2)
 
     class CS336CLI(LightningCLI):
         """LightningCLI with the data/model links and an end-of-fit report."""
@@ -69,6 +82,7 @@ def _cli_class(no_wandb: bool = False) -> type:
             # `--print_config` must show what the logging block expands into, so it is handled after the expansion
             # (jsonargparse would print and exit during parsing, before it).
             args = list(sys.argv[1:] if args is None else args)
+            _check_config_files(args)
             printing = [a for a in args if a == "--print_config" or a.startswith("--print_config=")]
             self.config = parser.parse_args([a for a in args if a not in printing])
             subcommand = self.config.get("subcommand")
@@ -182,6 +196,39 @@ def _cli_class(no_wandb: bool = False) -> type:
                 wandb_loggers[0].experiment.log_code(str(Path(experiment.__file__).resolve().parent))
 
     return CS336CLI
+
+
+def _check_config_files(args: list[str]) -> None:
+    """Each ``--config`` file exists and is a YAML mapping, said in one line (jsonargparse's own messages span
+    several, and an empty file reads as "Unexpected config"); ``--model.vocab_size`` is refused with the reason."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        if arg.startswith(("--model.vocab_size", "--model.init_args.vocab_size")):
+            raise ValueError(
+                "model.vocab_size comes from the prepared data (its meta.json): drop --model.vocab_size, or "
+                "prepare the data with another vocabulary (`cs336 prepare ... --vocab-size N`)"
+            )
+        if arg == "--config" and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"config {path} does not exist: pass --config PATH (e.g. configs/quickstart.yaml)")
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"{path} is not valid YAML ({where}{problem}); fix the syntax") from None
+        if data is None:
+            raise ValueError(f"{path} is empty: a cs336 fit config needs at least model, data and trainer sections")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a mapping of cs336 fit options (it holds a {type(data).__name__})")
 
 
 def _newest_last(trainer: Any) -> str | None:

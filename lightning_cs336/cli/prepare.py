@@ -4,8 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from lightning_cs336.data import load_meta, prepare
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse`` that reports a bad option in one line, ``cs336: error: ... (see `PROG --help`)``, exit status 2.
+
+    argparse's default prints the usage block first; the ``cs336`` commands all answer bad input with one line.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        print(f"cs336: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _parse_size(text: str) -> int:
@@ -27,9 +39,9 @@ def prepare_main(argv: list[str] | None = None) -> int:
         argv: Arguments after ``prepare`` (defaults to ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 2 on a user error (the message is printed to stderr as ``error: ...``).
+        0 on success, 2 on a user error (the message is printed to stderr as one ``cs336: error: ...`` line).
     """
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="cs336 prepare",
         description="Tokenize text into train.bin/val.bin/tokenizer.json/meta.json for TokenDataModule.",
         epilog="examples:  cs336 prepare stdlib --out data/quickstart\n"
@@ -65,8 +77,8 @@ def prepare_main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             show_progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"cs336: error: {e}", file=sys.stderr)
         return 2
     meta = load_meta(out)
     print(f"prepared {out} ({meta['tokenizer']} tokenizer, vocab {meta['vocab_size']}, {meta['dtype']})")

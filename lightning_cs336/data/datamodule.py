@@ -65,6 +65,8 @@ class TokenDataModule(L.LightningDataModule):
         self.seed = seed
         self.pin_memory = pin_memory
         self.meta: dict[str, Any] = load_meta(self.data_dir)
+        for split in ("train", "val"):  # before any Trainer or W&B run exists (setup() is too late for that)
+            _check_length(int(self.meta[f"{split}_tokens"]), context_length, f"the {split} split of {self.data_dir}")
         self._tokenizer: Tokenizer | None = None
         self._checked: set[str] = set()
         self._train_ds: RandomWindowDataset | None = None

@@ -35,9 +35,13 @@ def _prepare_hint(data_dir: Path) -> str:
 def load_meta(data_dir: str | Path) -> dict[str, Any]:
     """Read and validate ``meta.json`` of a directory written by :func:`prepare`.
 
+    Also checks that ``train.bin`` and ``val.bin`` exist and hold the number of tokens ``meta.json`` records (a
+    ``stat`` each), so a broken directory is reported before anything is built on it.
+
     Raises:
-        FileNotFoundError: The directory or its ``meta.json`` is missing.
-        ValueError: ``meta.json`` is malformed or from an unsupported format version.
+        FileNotFoundError: The directory, its ``meta.json`` or a split's ``.bin`` is missing.
+        ValueError: ``meta.json`` is malformed, inconsistent or from an unsupported format version, or a ``.bin`` is
+            empty, truncated or of another length than recorded.
     """
     d = Path(data_dir)
     if not d.is_dir():
@@ -61,7 +65,47 @@ def load_meta(data_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} lacks keys {missing}; re-run `cs336 prepare ... --out {d}`")
     if meta["dtype"] not in _DTYPES:
         raise ValueError(f"{path} has dtype {meta['dtype']!r}, expected one of {_DTYPES}; re-run `cs336 prepare`")
+    _check_meta_values(meta, path, d)
+    # The splits prepare() wrote must be whole: checked here (a stat each) so that a missing, empty or cut-short
+    # .bin is found when the datamodule is built, before any Trainer, logger or run directory exists.
+    for split in ("train", "val"):
+        _check_bin(d / f"{split}.bin", np.dtype(meta["dtype"]), d, split, expected=meta[f"{split}_tokens"])
     return meta
+
+
+def _check_meta_values(meta: dict[str, Any], path: Path, d: Path) -> None:
+    """Types and consistency of meta.json's numbers (an edited or mixed-up file, not only a malformed one)."""
+    redo = f"re-run `cs336 prepare ... --out {d}`"
+    for key in ("vocab_size", "eot_id", "train_tokens", "val_tokens"):
+        value = meta[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{path} has {key}={value!r}, expected a non-negative integer; {redo}")
+    if meta["vocab_size"] < 1 or meta["eot_id"] >= meta["vocab_size"]:
+        raise ValueError(
+            f"{path} has eot_id={meta['eot_id']} but vocab_size={meta['vocab_size']}: every token id must be below "
+            f"vocab_size, so the file does not belong to this data; {redo}"
+        )
+    if meta["dtype"] == "uint16" and meta["vocab_size"] > 65536:
+        raise ValueError(f"{path} has vocab_size={meta['vocab_size']}, too large for dtype uint16; {redo}")
+
+
+def _check_bin(path: Path, dtype: np.dtype, d: Path, split: str, expected: int | None = None) -> None:
+    """``path`` exists, is non-empty, a whole number of tokens, and (``expected``) as long as meta.json says."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; re-run `cs336 prepare ... --out {d}` to write the {split} split")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty; re-run `cs336 prepare` with more text")
+    if size % dtype.itemsize:
+        raise ValueError(
+            f"{path} is {size} bytes, not a multiple of {dtype.itemsize} ({dtype.name}): it is truncated or corrupt; "
+            f"re-run `cs336 prepare ... --out {d}`"
+        )
+    if expected is not None and size // dtype.itemsize != expected:
+        raise ValueError(
+            f"{path} holds {size // dtype.itemsize} tokens but {d / 'meta.json'} records {expected}: it is truncated "
+            f"or from another `cs336 prepare`; re-run `cs336 prepare ... --out {d}`"
+        )
 
 
 def load_tokens(data_dir: str | Path, split: str, *, meta: dict[str, Any] | None = None) -> np.memmap:
@@ -79,17 +123,8 @@ def load_tokens(data_dir: str | Path, split: str, *, meta: dict[str, Any] | None
     d = Path(data_dir)
     meta = load_meta(d) if meta is None else meta
     path = d / f"{split}.bin"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; re-run `cs336 prepare ... --out {d}` to write the {split} split")
     dtype = np.dtype(meta["dtype"])
-    size = path.stat().st_size
-    if size == 0:
-        raise ValueError(f"{path} is empty; re-run `cs336 prepare` with more text")
-    if size % dtype.itemsize:
-        raise ValueError(
-            f"{path} is {size} bytes, not a multiple of {dtype.itemsize} ({dtype.name}): it is truncated or corrupt; "
-            f"re-run `cs336 prepare ... --out {d}`"
-        )
+    _check_bin(path, dtype, d, split)
     return np.memmap(path, dtype=dtype, mode="r")
 
 

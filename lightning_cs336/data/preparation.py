@@ -157,6 +157,12 @@ def _room(max_bytes: int | None, total: int, cap: int | None, src_total: int) ->
 def _resolve_sources(sources: list[str], max_bytes: int | None) -> list[_Source]:
     resolved = [_resolve_source(s, max_bytes) for s in sources]
     if not any(r.files or r.hf for r in resolved):
+        empty_dirs = [r.name for r in resolved if Path(r.name).is_dir()]
+        if empty_dirs:
+            raise FileNotFoundError(
+                f"directory {empty_dirs[0]!r} is empty (hidden files and caches are skipped): put text files in it, "
+                "or pass text files or glob patterns"
+            )
         raise FileNotFoundError(
             f"no source files found in {sources}; pass text files, directories containing them, or glob patterns"
         )

@@ -120,8 +120,34 @@ class Tokenizer:
         try:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
-            raise ValueError(f"{path} is not a valid tokenizer file ({e}); re-run `cs336 prepare`") from e
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path} is not a valid tokenizer file ({reason}); re-run `cs336 prepare`") from e
+        if hf.token_to_id(EOT) is None:
+            raise ValueError(
+                f"{path} has no {EOT} token, so it is not a `cs336 prepare` tokenizer; re-run `cs336 prepare`"
+            )
         return cls(hf)
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> Tokenizer:
+        """Load the tokenizer of a prepared data directory (its ``tokenizer.json``) or a ``tokenizer.json`` file.
+
+        Raises:
+            FileNotFoundError: ``path`` does not exist, or is a directory without ``tokenizer.json``.
+            ValueError: The file is not a tokenizer file with ``<|endoftext|>``.
+        """
+        path = Path(path)
+        if path.is_dir():
+            if not (path / "tokenizer.json").is_file():
+                raise FileNotFoundError(
+                    f"{path} holds no tokenizer.json: pass a directory written by `cs336 prepare`, or a tokenizer.json"
+                )
+            path = path / "tokenizer.json"
+        elif not path.exists():
+            raise FileNotFoundError(
+                f"tokenizer {path} does not exist: pass a directory written by `cs336 prepare`, or its tokenizer.json"
+            )
+        return cls.from_file(path)
 
     # ---- serialization ----
 

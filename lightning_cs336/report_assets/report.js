@@ -264,5 +264,88 @@
       pending = setTimeout(function () { charts.forEach(function (c) { c.draw(); }); }, 100);
     });
   }
+
+  // The sweep view: parallel coordinates, one axis per parameter and one for the metric, one line per trial.
+  // Data: {metric, mode, axes: [{name, kind: "number"|"category", log, choices}], rows: [{label, run, state, values,
+  // value, step}]}.
+  function SweepPlot(sweep, parent) {
+    var W = Math.max(420, Math.round(parent.getBoundingClientRect().width) || 900), PH = 300;
+    var m = { l: 30, r: 90, t: 26, b: 30 };
+    var axes = sweep.axes.concat([{ name: sweep.metric, kind: "number", metric: true }]);
+    var svg = svgEl("svg", { viewBox: "0 0 " + W + " " + PH, height: PH, role: "img" }, parent);
+    var tip = htmlEl("div", "tooltip", parent);
+    var n = axes.length, pw = W - m.l - m.r, ph = PH - m.t - m.b;
+    function ax(i) { return m.l + (n > 1 ? (i / (n - 1)) * pw : pw / 2); }
+    var metricValues = sweep.rows.map(function (r) { return r.value; }).filter(function (v) { return v !== null; });
+    var best = Math.min.apply(null, metricValues), worst = Math.max.apply(null, metricValues);
+    if (sweep.mode === "max") { var t = best; best = worst; worst = t; }
+    // Each axis maps a value to [0, 1] (1 at the top).
+    var scales = axes.map(function (a, i) {
+      if (a.kind === "category") {
+        var k = a.choices.length;
+        return { f: function (v) { var j = a.choices.indexOf(String(v)); return j < 0 ? null : k > 1 ? j / (k - 1) : 0.5; },
+          ticks: a.choices.map(function (c, j) { return [k > 1 ? j / (k - 1) : 0.5, c]; }) };
+      }
+      var vs = a.metric ? metricValues : sweep.rows.map(function (r) { return r.values[i]; });
+      vs = vs.filter(function (v) { return v !== null && isFinite(v) && (!a.log || v > 0); });
+      var tr = a.log ? Math.log10 : function (v) { return v; };
+      var lo = Math.min.apply(null, vs.map(tr)), hi = Math.max.apply(null, vs.map(tr));
+      if (!vs.length) { lo = 0; hi = 1; }
+      if (lo === hi) { lo -= 0.5; hi += 0.5; }
+      var f = function (v) { return v === null || !isFinite(v) || (a.log && v <= 0) ? null : (tr(v) - lo) / (hi - lo); };
+      var ticks = (a.log ? logTicks(lo, hi) : linTicks(lo, hi, 4)).map(function (t) {
+        return [(t - lo) / (hi - lo), fmt(a.log ? Math.pow(10, t) : t, 3)];
+      });
+      return { f: f, ticks: ticks };
+    });
+    axes.forEach(function (a, i) {
+      var g = svgEl("g", { class: "pc-axis", "data-axis": a.name }, svg);
+      svgEl("line", { x1: ax(i), x2: ax(i), y1: m.t, y2: m.t + ph, stroke: "#9ca3af" }, g);
+      svgEl("text", { x: ax(i), y: m.t - 10, "text-anchor": i === 0 ? "start" : i === n - 1 ? "end" : "middle",
+        "font-weight": "600" }, g).textContent = a.name + (a.log ? " (log)" : "");
+      scales[i].ticks.forEach(function (t) {
+        svgEl("text", { x: ax(i) + 4, y: m.t + (1 - t[0]) * ph + 4 }, g).textContent = t[1];
+      });
+    });
+    function color(v) {
+      if (v === null) return "#9ca3af";
+      if (!(best !== worst && isFinite(worst - best))) return "#1f77b4";
+      var q = Math.abs(v - best) / Math.abs(worst - best); // 0 best, 1 worst
+      return "hsl(" + Math.round(220 - 180 * q) + ", 70%, " + Math.round(30 + 35 * q) + "%)";
+    }
+    var lines = svgEl("g", {}, svg);
+    sweep.rows.forEach(function (r) {
+      var vals = r.values.concat([r.value]), d = "", pen = false;
+      vals.forEach(function (v, i) {
+        var y = scales[i].f(v);
+        if (y === null) { pen = false; return; }
+        d += (pen ? "L" : "M") + ax(i).toFixed(1) + " " + (m.t + (1 - y) * ph).toFixed(1);
+        pen = true;
+      });
+      if (!d) return;
+      var failed = r.state === "fail" || r.state === "failed";
+      var path = svgEl("path", { class: "pc-line", d: d, fill: "none", stroke: failed ? "#9ca3af" : color(r.value),
+        "stroke-width": 2, "stroke-dasharray": r.state === "pruned" ? "5 3" : "", "data-state": r.state,
+        "data-label": r.label }, lines);
+      path.addEventListener("mousemove", function (e) {
+        tip.textContent = "";
+        htmlEl("b", "", htmlEl("div", "", tip), r.label + " (" + r.state + (r.step !== null && r.step !== undefined ?
+          " at step " + r.step : "") + ")");
+        axes.forEach(function (a, i) {
+          var v = i < r.values.length ? r.values[i] : r.value;
+          htmlEl("div", "", tip, a.name + ": " + (typeof v === "number" ? fmt(v) : v === null ? "–" : String(v)));
+        });
+        var box = parent.getBoundingClientRect();
+        tip.style.display = "block";
+        tip.style.left = (e.clientX - box.left + 14) + "px";
+        tip.style.top = (e.clientY - box.top + 8) + "px";
+        path.setAttribute("stroke-width", 4);
+      });
+      path.addEventListener("mouseleave", function () { tip.style.display = "none"; path.setAttribute("stroke-width", 2); });
+    });
+  }
+
+  var sweepParent = document.getElementById("sweep-plot");
+  if (sweepParent && data.sweep) SweepPlot(data.sweep, sweepParent);
   document.body.dataset.rendered = "ok";
 })();
