@@ -160,7 +160,7 @@ def test_sigterm_saves_the_current_step_marks_preempted_and_resumes(tmp_path: Pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_record(run_dir).state == "finished"
     steps = _train_steps(run_dir)
-    assert steps == sorted(set(steps)) and steps[-1] == stopped + 2  # each step once, continuing the count
+    assert steps == list(range(stopped + 3))  # each step once, continuing the count with no gap
     assert len({r.run_id for r in _wandb_runs(run_dir)}) == 1
 
 
@@ -192,7 +192,7 @@ def test_sigkill_keeps_the_record_and_a_loadable_checkpoint(tmp_path: Path, tiny
     assert len(steps) >= 5 and steps == list(range(1, 2 * len(steps), 2))
     assert read_record(run_dir).state == "killed"
     ckpt = _ckpt_step(run_dir / "checkpoints" / "last.ckpt")  # complete and loadable (written then renamed)
-    assert steps[-1] + 1 - 5 <= ckpt <= steps[-1] + 1  # the periodic checkpoint (every 5 steps) kept up
+    assert steps[-1] + 1 - 5 <= ckpt <= steps[-1] + 2  # the periodic checkpoint (every 5 steps) kept up
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
     assert runs_main(["list", str(run_dir.parent), "--json"]) == 0
 
@@ -281,11 +281,9 @@ def test_a_model_that_differs_from_its_checkpoint_is_an_error(trained: tuple[Pat
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
     assert "model.d_model: config 64, checkpoint 32" in lines[-1] and "--ckpt_hparams checkpoint" in lines[-1]
-    done = _fit(work, _fit_args(tiny_data, "base", "--ckpt_path", str(ckpt)))  # max_steps 20 > 4: trains on
-    assert done.returncode == 0, done.stderr[-3000:]
-    nothing_left = _fit(work, _fit_args(tiny_data, "base", "--trainer.max_steps", "20", "--ckpt_path", str(ckpt)))
+    nothing_left = _fit(work, _fit_args(tiny_data, "base", "--trainer.max_steps", "4", "--ckpt_path", str(ckpt)))
     assert nothing_left.returncode == 2 and "nothing left to train" in nothing_left.stderr.strip().splitlines()[-1]
-    taken = _fit(work, _fit_args(tiny_data, "base", "--model.d_model", "64", "--trainer.max_steps", "24",
+    taken = _fit(work, _fit_args(tiny_data, "base", "--model.d_model", "64", "--trainer.max_steps", "8",
                                  "--ckpt_path", str(ckpt), "--ckpt_hparams", "checkpoint"))  # fmt: skip
     assert taken.returncode == 0, taken.stderr[-3000:]
     assert torch.load(ckpt, weights_only=False)["hyper_parameters"]["d_model"] == 32

@@ -67,6 +67,8 @@ class PreemptionCheckpoint(Callback):
         self.on_keyboard_interrupt = on_keyboard_interrupt
         self.saved: tuple[int, str] | None = None
         self.reason: str | None = None
+        self._trainer: pl.Trainer | None = None
+        self._resume_step: int | None = None
 
     def _target(self, trainer: pl.Trainer) -> tuple[ModelCheckpoint | None, str]:
         # The ModelCheckpoint that keeps `last` (else the first): its folder and its name for the newest state.
@@ -109,12 +111,6 @@ class PreemptionCheckpoint(Callback):
 
     def _save_last(self, trainer: pl.Trainer) -> bool:
         checkpoint_cb, path = self._target(trainer)
-        # Lightning (2.6.6, training_epoch_loop.reset) restores its logging step assuming the checkpoint was taken
-        # before the batch's `_batches_that_stepped += 1` (on_train_batch_end, on_validation_end) and adds one back.
-        # Here (after a batch's on_advance_end: the SIGTERM check, a Ctrl+C in the next step, on_train_end) the step
-        # was already counted, so it is saved one lower: the resumed run logs its next step, not one past it.
-        loop = trainer.fit_loop.epoch_loop
-        shift = 0 if trainer.state.stage == "validate" or not hasattr(loop, "_batches_that_stepped") else 1
         previous = None
         if checkpoint_cb is not None:
             # Set before the save, so the callback state inside the file owns it: a resumed ModelCheckpoint then
@@ -123,7 +119,6 @@ class PreemptionCheckpoint(Callback):
             previous = (checkpoint_cb.last_model_path, checkpoint_cb._last_global_step_saved)  # noqa: SLF001
             checkpoint_cb.last_model_path = path
             checkpoint_cb._last_global_step_saved = trainer.global_step  # noqa: SLF001 (read by _compat.last_save)
-        loop._batches_that_stepped -= shift  # noqa: SLF001
         try:
             trainer.save_checkpoint(path)
         except Exception as err:  # noqa: BLE001 (the run is ending either way; say why it kept nothing)
@@ -131,8 +126,6 @@ class PreemptionCheckpoint(Callback):
             if checkpoint_cb is not None and previous is not None:
                 checkpoint_cb.last_model_path, checkpoint_cb._last_global_step_saved = previous  # noqa: SLF001
             return False
-        finally:
-            loop._batches_that_stepped += shift  # noqa: SLF001
         self.saved = (trainer.global_step, path)
         if checkpoint_cb is not None:
             checkpoint_cb._last_checkpoint_saved = path  # noqa: SLF001
@@ -141,13 +134,37 @@ class PreemptionCheckpoint(Callback):
         return True
 
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Lightning (2.6.6, training_epoch_loop.reset) rebuilds its logging step from the checkpoint with a +1 that
+        # depends on where the save happened (after a batch, inside validation, at the end of the fit), and some of
+        # those places (the ones this callback saves at) come out one off. The step is the number of batches that
+        # stepped, known exactly at the save: set it once, before the first batch after a resume logs anything.
+        if self._resume_step is not None:
+            loop = trainer.fit_loop.epoch_loop
+            if hasattr(loop, "_batches_that_stepped"):
+                loop._batches_that_stepped = self._resume_step  # noqa: SLF001
+            self._resume_step = None
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"saved": list(self.saved) if self.saved else None}
+        trainer = self._trainer
+        step = None
+        if trainer is not None:
+            step = trainer.global_step // max(1, len(trainer.optimizers))  # optimizer steps -> batches that stepped
+        return {"saved": list(self.saved) if self.saved else None, "batches_that_stepped": step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("saved")
         self.saved = (int(saved[0]), str(saved[1])) if saved else None
+        step = state_dict.get("batches_that_stepped")
+        self._resume_step = int(step) if step is not None else None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
