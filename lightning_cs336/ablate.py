@@ -516,12 +516,10 @@ def find_record(parent: Path, name: str) -> Path | None:
 
 
 def _next_name(parent: Path, name: str) -> str:
-    # experiment._unique's rule: the run's directory name if nothing else starts first.
-    for i in range(1, 10_000):
-        candidate = name if i == 1 else f"{name}-{i}"
-        if not (parent / candidate).exists():
-            return candidate
-    raise ValueError(f"more than 10000 runs named {name!r} in {parent}")
+    """The name ``cs336 fit`` will give a run named ``name`` in ``parent`` (``name``, else ``name-2``, ...)."""
+    from lightning_cs336.experiment import _unique
+
+    return _unique(parent, name)
 
 
 def _read_result(result: RunResult, path: Path, metric: str, mode: str) -> None:

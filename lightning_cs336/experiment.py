@@ -152,15 +152,14 @@ def _claim(parent: Path, name: str) -> str:
         created.append(probe)
         probe = probe.parent
     parent.mkdir(parents=True, exist_ok=True)
-    for i in range(1, 10_000):
-        candidate = name if i == 1 else f"{name}-{i}"
+    while True:
+        candidate = _unique(parent, name)
         try:
             (parent / candidate).mkdir()
         except FileExistsError:
-            continue
+            continue  # another run took it between the look and the mkdir: look again
         _CLAIMED.extend([parent / candidate, *created])
         return candidate
-    raise ValueError(f"more than 10000 runs named {name!r} in {parent}: choose another logging.experiment_name")
 
 
 _CLAIMED: list[Path] = []

@@ -22,15 +22,19 @@ from typing import NoReturn
 from lightning_cs336 import ablate as lib
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments raise ValueError, which ``cs336``'s main prints as one ``cs336: error: ...`` line (exit 2)."""
+class RaisingParser(argparse.ArgumentParser):
+    """Bad arguments raise ValueError, which ``cs336``'s main prints as one ``cs336: error: ...`` line (exit 2).
+
+    (``cli.prepare.OneLineParser`` prints and exits itself; these commands' errors go through ``main``'s handler,
+    which also releases claimed run directories.)"""
 
     def error(self, message: str) -> NoReturn:
-        raise ValueError(f"ablate: {message} (see `cs336 ablate --help`)")
+        command = self.prog.removeprefix("cs336 ")
+        raise ValueError(f"{command}: {message} (see `{self.prog} --help`)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = RaisingParser(
         prog="cs336 ablate",
         usage="cs336 ablate --config BASE --vary KEY=V1,V2,... [--vary ...] [options] [-- cs336 fit args ...]",
         description="Run the baseline config and each variant (a grid over the --vary keys) for each seed, each as "

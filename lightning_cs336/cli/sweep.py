@@ -21,18 +21,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
-
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments raise ValueError, which ``cs336``'s main prints as one ``cs336: error: ...`` line (exit 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ValueError(f"sweep: {message} (see `cs336 sweep --help`)")
+from lightning_cs336.cli.ablate import RaisingParser
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = RaisingParser(
         prog="cs336 sweep",
         usage="cs336 sweep --config BASE --space SPACE.yaml [--trials N] [options] [-- cs336 fit args ...]",
         description="Search hyperparameters with Optuna: each trial a `cs336 fit` run of BASE with values sampled "
